@@ -1,0 +1,420 @@
+"""The ledger: one SQLite row per window, moved only by compare-and-set.
+
+Theory of operation.  The ledger stores states; ``models.advance`` decides which moves are
+legal.  Every write is one ``BEGIN IMMEDIATE`` transaction and every move is an ``UPDATE ...
+WHERE id = ? AND attempt = ? AND state = ?``: if another worker (or process) moved the window
+first, nothing changes and ``StaleAttemptError`` says so.  A split retires the parent and
+inserts its children in one transaction, so a crash leaves either the parent or all the
+children.  Planning inserts windows only for the parts of a range no live window covers.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` and a busy timeout; calls run in a worker
+thread (``anyio.to_thread``), one at a time per ``Ledger``.  The SQL is plain enough to port to
+PostgreSQL as a second adapter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from backfill import crashpoints, planner
+from backfill.errors import LedgerError, StaleAttemptError
+from backfill.models import (
+    UNFINISHED,
+    Window,
+    WindowRecord,
+    WindowState,
+    advance,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from pathlib import Path
+
+__all__ = ["AppCoverage", "Ledger"]
+
+T = TypeVar("T")
+
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE windows (
+        id                INTEGER PRIMARY KEY,
+        app               TEXT    NOT NULL,
+        start_ms          INTEGER NOT NULL,
+        end_ms            INTEGER NOT NULL CHECK (end_ms > start_ms),
+        state             TEXT    NOT NULL,
+        attempt           INTEGER NOT NULL DEFAULT 0,
+        parent_id         INTEGER REFERENCES windows (id),
+        request_id        TEXT,
+        submitted_at      INTEGER,
+        ready_at          INTEGER,
+        error_class       TEXT,
+        error_message     TEXT,
+        retryable         INTEGER,
+        rows              INTEGER,
+        bytes             INTEGER,
+        manifest          TEXT,
+        committed_attempt INTEGER,
+        created_at        INTEGER NOT NULL,
+        updated_at        INTEGER NOT NULL
+    );
+    CREATE INDEX windows_by_app ON windows (app, start_ms);
+    CREATE INDEX windows_by_state ON windows (state);
+    CREATE TABLE app_sizes (
+        app        TEXT PRIMARY KEY,
+        size_ms    INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    """,
+)
+
+_COLUMNS = (
+    "id, app, start_ms, end_ms, state, attempt, parent_id, request_id, submitted_at, ready_at, "
+    "error_class, error_message, retryable, rows, bytes, manifest, committed_attempt, "
+    "created_at, updated_at"
+)
+_UPDATABLE = frozenset(
+    {"request_id", "submitted_at", "ready_at", "error_class", "error_message", "retryable",
+     "rows", "bytes", "manifest", "committed_attempt"}
+)  # fmt: skip
+
+
+def _record(row: sqlite3.Row) -> WindowRecord:
+    retryable = row["retryable"]
+    return WindowRecord(
+        id=row["id"],
+        window=Window(app=row["app"], start=row["start_ms"], end=row["end_ms"]),
+        state=WindowState(row["state"]),
+        attempt=row["attempt"],
+        parent_id=row["parent_id"],
+        request_id=row["request_id"],
+        submitted_at=row["submitted_at"],
+        ready_at=row["ready_at"],
+        error_class=row["error_class"],
+        error_message=row["error_message"],
+        retryable=None if retryable is None else bool(retryable),
+        rows=row["rows"],
+        bytes=row["bytes"],
+        manifest=row["manifest"],
+        committed_attempt=row["committed_attempt"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppCoverage:
+    """What the ledger holds for one app."""
+
+    app: str
+    states: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+    bytes: int = 0
+    first_ms: int | None = None  # start of the earliest committed window
+    last_ms: int | None = None  # end of the latest committed window
+    gaps: tuple[tuple[int, int], ...] = ()  # planned ranges not committed, merged
+
+
+class Ledger:
+    """The window ledger on one SQLite file.  Open with ``await Ledger.open(path)``."""
+
+    def __init__(self, connection: sqlite3.Connection, clock: Callable[[], float]) -> None:
+        self._db = connection
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path, *, clock: Callable[[], float] = time.time) -> Ledger:
+        """Open (creating and migrating if needed); raises ``LedgerError``."""
+        connection = await anyio.to_thread.run_sync(cls._connect, path)
+        return cls(connection, clock)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 30000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(_MIGRATIONS):
+                raise LedgerError(
+                    f"{path}: ledger schema version {version} is newer than this backfill "
+                    f"knows ({len(_MIGRATIONS)}); upgrade backfill"
+                )
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                db.execute("BEGIN IMMEDIATE")
+                # executescript would commit on its own; run statement by statement instead.
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{path}: cannot open the ledger: {exc}") from exc
+        return db
+
+    async def close(self) -> None:
+        await self._run(self._db.close)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(
+            partial(self._locked, fn, *args), limiter=self._limiter
+        )
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            try:
+                return fn(*args)
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise LedgerError(f"ledger error: {exc}") from exc
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` inside one ``BEGIN IMMEDIATE`` transaction (rolled back on error)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(*args)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    # -- planning --------------------------------------------------------------------------
+
+    async def add_windows(
+        self, app: str, start: int, end: int, *, size_ms: int, tz: dt.tzinfo = dt.UTC
+    ) -> list[WindowRecord]:
+        """Plan ``[start, end)`` for ``app`` into windows, adding only what no live window covers.
+
+        Returns the windows added (none when the range is already planned).
+        """
+        return await self._run(self._write, self._add_windows, app, start, end, size_ms, tz)
+
+    def _add_windows(
+        self, app: str, start: int, end: int, size_ms: int, tz: dt.tzinfo
+    ) -> list[WindowRecord]:
+        taken = self._db.execute(
+            "SELECT start_ms, end_ms FROM windows WHERE app = ? AND state != ? "
+            "AND end_ms > ? AND start_ms < ?",
+            (app, WindowState.SPLIT, start, end),
+        ).fetchall()
+        holes = planner.gaps([(r[0], r[1]) for r in taken], start, end)
+        return [
+            self._insert(window, None)
+            for lo, hi in holes
+            for window in planner.plan(app, lo, hi, size_ms=size_ms, tz=tz)
+        ]
+
+    def _insert(self, window: Window, parent_id: int | None) -> WindowRecord:
+        now = self._now()
+        cursor = self._db.execute(
+            "INSERT INTO windows (app, start_ms, end_ms, state, attempt, parent_id, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+            (window.app, window.start, window.end, WindowState.PENDING, parent_id, now, now),
+        )
+        return WindowRecord(
+            id=int(cursor.lastrowid or 0),
+            window=window,
+            state=WindowState.PENDING,
+            attempt=0,
+            parent_id=parent_id,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def learned_size(self, app: str) -> int | None:
+        """The window size learned for ``app`` from too-large refusals, if any."""
+        row = await self._run(self._fetchone, "SELECT size_ms FROM app_sizes WHERE app = ?", (app,))
+        return None if row is None else int(row[0])
+
+    async def learn_size(self, app: str, size_ms: int) -> None:
+        """Remember ``size_ms`` for ``app`` if it is smaller than what was known."""
+        sql = (
+            "INSERT INTO app_sizes (app, size_ms, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (app) DO UPDATE SET size_ms = MIN(size_ms, excluded.size_ms), "
+            "updated_at = excluded.updated_at"
+        )
+        await self._run(self._write, self._execute, sql, (app, size_ms, self._now()))
+
+    # -- compare-and-set moves -------------------------------------------------------------
+
+    async def advance(
+        self, record: WindowRecord, target: WindowState, **updates: Any
+    ) -> WindowRecord:
+        """Move ``record`` to ``target`` in the same attempt; raises ``StaleAttemptError``."""
+        advance(record.state, target)
+        return await self._run(self._write, self._move, record, target, record.attempt, updates)
+
+    async def retry(self, record: WindowRecord, **updates: Any) -> WindowRecord:
+        """Back to ``PENDING`` with ``attempt + 1``, the request forgotten."""
+        advance(record.state, WindowState.PENDING)
+        updates = {"request_id": None, "submitted_at": None, "ready_at": None} | updates
+        return await self._run(
+            self._write, self._move, record, WindowState.PENDING, record.attempt + 1, updates
+        )
+
+    def _move(
+        self, record: WindowRecord, target: WindowState, attempt: int, updates: dict[str, Any]
+    ) -> WindowRecord:
+        unknown = set(updates) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not ledger columns: {sorted(unknown)}")
+        if target is WindowState.COMMITTED:
+            updates = updates | {"committed_attempt": attempt}
+        now = self._now()
+        sets = "".join(f", {name} = ?" for name in updates)
+        sql = (
+            f"UPDATE windows SET state = ?, attempt = ?, updated_at = ?{sets} "
+            "WHERE id = ? AND attempt = ? AND state = ?"
+        )
+        params = (target, attempt, now, *updates.values(), record.id, record.attempt, record.state)
+        crashpoints.hit("ledger.move")
+        if self._db.execute(sql, params).rowcount != 1:
+            raise StaleAttemptError(
+                f"window {record.id} ({record.window.label}) is no longer {record.state} "
+                f"at attempt {record.attempt}"
+            )
+        return self._get(record.id)
+
+    async def split(self, record: WindowRecord, children: Sequence[Window]) -> list[WindowRecord]:
+        """Retire ``record`` as SPLIT and insert ``children`` (which must tile it), atomically."""
+        advance(record.state, WindowState.SPLIT)
+        spans = sorted((c.start, c.end) for c in children)
+        tiled = (
+            bool(spans)
+            and spans[0][0] == record.window.start
+            and spans[-1][1] == record.window.end
+            and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        )
+        if not tiled or any(c.app != record.window.app for c in children):
+            raise ValueError(f"children do not tile {record.window.label}")
+        return await self._run(self._write, self._split, record, list(children))
+
+    def _split(self, record: WindowRecord, children: list[Window]) -> list[WindowRecord]:
+        cursor = self._db.execute(
+            "UPDATE windows SET state = ?, updated_at = ? "
+            "WHERE id = ? AND attempt = ? AND state = ?",
+            (WindowState.SPLIT, self._now(), record.id, record.attempt, record.state),
+        )
+        if cursor.rowcount != 1:
+            raise StaleAttemptError(f"window {record.id} moved before it could be split")
+        added = []
+        for child in children:
+            added.append(self._insert(child, record.id))
+            crashpoints.hit("ledger.split")
+        return added
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        self._db.execute(sql, params)
+
+    def _fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
+        return row
+
+    def _select(self, where: str = "1 = 1", params: tuple[Any, ...] = ()) -> list[WindowRecord]:
+        sql = f"SELECT {_COLUMNS} FROM windows WHERE {where} ORDER BY app, start_ms, id"
+        return [_record(r) for r in self._db.execute(sql, params).fetchall()]
+
+    def _get(self, window_id: int) -> WindowRecord:
+        found = self._select("id = ?", (window_id,))
+        if not found:
+            raise LedgerError(f"window {window_id} is not in the ledger")
+        return found[0]
+
+    async def get(self, window_id: int) -> WindowRecord:
+        return await self._run(self._get, window_id)
+
+    async def windows(
+        self, *, apps: Iterable[str] | None = None, states: Iterable[WindowState] | None = None
+    ) -> list[WindowRecord]:
+        """Windows, optionally of some apps and states, ordered by app and start."""
+        clauses, params = [], []
+        if apps is not None:
+            names = list(apps)
+            clauses.append(f"app IN ({', '.join('?' * len(names))})")
+            params += names
+        if states is not None:
+            wanted = [str(s) for s in states]
+            clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
+            params += wanted
+        where = " AND ".join(clauses) or "1 = 1"
+        return await self._run(self._select, where, tuple(params))
+
+    async def claimable(self, apps: Iterable[str] | None = None) -> list[WindowRecord]:
+        """Windows waiting to be submitted (PENDING), oldest range first."""
+        return await self.windows(apps=apps, states=[WindowState.PENDING])
+
+    async def in_flight(self, apps: Iterable[str] | None = None) -> list[WindowRecord]:
+        """Windows a previous run left between submit and commit, to re-attach to or finish."""
+        states = [s for s in UNFINISHED if s is not WindowState.PENDING]
+        return await self.windows(apps=apps, states=states)
+
+    async def failed(self, apps: Iterable[str] | None = None) -> list[WindowRecord]:
+        return await self.windows(apps=apps, states=[WindowState.FAILED])
+
+    async def watermark(self, app: str) -> int | None:
+        """The end of ``app``'s contiguous committed prefix, or None."""
+        leaves = await self.windows(apps=[app])
+        return planner.watermark(
+            planner.Coverage(
+                start=r.window.start,
+                end=r.window.end,
+                committed=r.committed_attempt is not None,
+            )
+            for r in leaves
+            if r.state is not WindowState.SPLIT
+        )
+
+    async def coverage(self, apps: Iterable[str] | None = None) -> list[AppCoverage]:
+        """Per app: windows by state, rows and bytes landed, committed span and the gaps."""
+        records = await self.windows(apps=apps)
+        by_app: dict[str, list[WindowRecord]] = {}
+        for record in records:
+            by_app.setdefault(record.window.app, []).append(record)
+        result = []
+        for app, group in sorted(by_app.items()):
+            states: dict[str, int] = {}
+            for r in group:
+                states[r.state] = states.get(r.state, 0) + 1
+            leaves = [r for r in group if r.state is not WindowState.SPLIT]
+            done = [r for r in leaves if r.committed_attempt is not None]
+            holes: list[tuple[int, int]] = []
+            for r in leaves:
+                if r.committed_attempt is None:
+                    if holes and holes[-1][1] == r.window.start:
+                        holes[-1] = (holes[-1][0], r.window.end)
+                    else:
+                        holes.append((r.window.start, r.window.end))
+            result.append(
+                AppCoverage(
+                    app=app,
+                    states=states,
+                    rows=sum(r.rows or 0 for r in done),
+                    bytes=sum(r.bytes or 0 for r in done),
+                    first_ms=min((r.window.start for r in done), default=None),
+                    last_ms=max((r.window.end for r in done), default=None),
+                    gaps=tuple(holes),
+                )
+            )
+        return result

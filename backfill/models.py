@@ -1,0 +1,157 @@
+"""Frozen values shared by every module, and the window lifecycle as a transition table.
+
+Theory of operation.  A window moves through the ledger states below; every move is checked
+against ``TRANSITIONS`` by ``advance()``, and the ledger applies it as a compare-and-set on
+``(window id, attempt)``.  A retry goes back to ``PENDING`` with ``attempt + 1``; a split
+retires the parent as ``SPLIT`` and creates children; ``COMMITTED`` may go back to ``PENDING``
+only to be re-pulled (late data), and its files stay live until the new attempt commits::
+
+    PENDING → SUBMITTED → READY → DOWNLOADED → STAGED → COMMITTED
+    any unfinished → PENDING (retry)   PENDING/SUBMITTED → SPLIT   any unfinished → FAILED
+    FAILED → PENDING (retry command)   COMMITTED → PENDING (re-pull)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = [
+    "DAY_MS",
+    "HOUR_MS",
+    "TRANSITIONS",
+    "UNFINISHED",
+    "WEEK_MS",
+    "IllegalTransitionError",
+    "Outcome",
+    "OutcomeKind",
+    "Window",
+    "WindowRecord",
+    "WindowState",
+    "advance",
+    "iso",
+]
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+WEEK_MS = 7 * DAY_MS
+
+
+class WindowState(StrEnum):
+    PENDING = "PENDING"
+    SUBMITTED = "SUBMITTED"
+    READY = "READY"
+    DOWNLOADED = "DOWNLOADED"
+    STAGED = "STAGED"
+    COMMITTED = "COMMITTED"
+    SPLIT = "SPLIT"
+    FAILED = "FAILED"
+
+
+_S = WindowState
+UNFINISHED = frozenset({_S.PENDING, _S.SUBMITTED, _S.READY, _S.DOWNLOADED, _S.STAGED})
+
+TRANSITIONS: dict[WindowState, frozenset[WindowState]] = {
+    _S.PENDING: frozenset({_S.SUBMITTED, _S.PENDING, _S.SPLIT, _S.FAILED}),
+    _S.SUBMITTED: frozenset({_S.READY, _S.PENDING, _S.SPLIT, _S.FAILED}),
+    _S.READY: frozenset({_S.DOWNLOADED, _S.PENDING, _S.FAILED}),
+    _S.DOWNLOADED: frozenset({_S.STAGED, _S.PENDING, _S.FAILED}),
+    _S.STAGED: frozenset({_S.COMMITTED, _S.PENDING, _S.FAILED}),
+    _S.COMMITTED: frozenset({_S.PENDING}),
+    _S.FAILED: frozenset({_S.PENDING}),
+    _S.SPLIT: frozenset(),
+}
+
+
+class IllegalTransitionError(ValueError):
+    """A move that ``TRANSITIONS`` does not allow (a bug, never an API condition)."""
+
+
+def advance(current: WindowState, target: WindowState) -> WindowState:
+    """Return ``target`` if ``current → target`` is a legal edge; raise otherwise."""
+    if target not in TRANSITIONS[current]:
+        raise IllegalTransitionError(f"illegal window transition {current} → {target}")
+    return target
+
+
+def iso(ms: int) -> str:
+    """Epoch milliseconds as an ISO-8601 UTC string (``2026-01-01T00:00:00Z``)."""
+    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    text = moment.isoformat(timespec="milliseconds" if ms % 1000 else "seconds")
+    return text.replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class Window:
+    """One app's half-open range ``[start, end)`` of session start times, in epoch ms."""
+
+    app: str
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.end <= self.start:
+            raise ValueError(f"empty window [{self.start}, {self.end}) for {self.app}")
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def label(self) -> str:
+        """``2026-01-01T00:00:00Z/2026-01-31T00:00:00Z``: how logs and errors name it."""
+        return f"{iso(self.start)}/{iso(self.end)}"
+
+
+class OutcomeKind(StrEnum):
+    """What one step of a window's request came back with."""
+
+    ACCEPTED = "accepted"
+    PROCESSING = "processing"
+    READY = "ready"
+    FAILED = "failed"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    TRANSPORT_ERROR = "transport_error"
+    LINK_EXPIRED = "link_expired"
+    RESULTS_EXPIRED = "results_expired"
+    UNAUTHORIZED = "unauthorized"
+    REJECTED = "rejected"
+    BAD_DATA = "bad_data"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """An outcome and the facts the policy needs to decide on it."""
+
+    kind: OutcomeKind
+    retry_after_s: float | None = None
+    refill_per_minute: float | None = None
+    suggested_ms: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowRecord:
+    """A window as the ledger holds it.  Times are epoch ms; the download link is never kept."""
+
+    id: int
+    window: Window
+    state: WindowState
+    attempt: int
+    parent_id: int | None = None
+    request_id: str | None = None
+    submitted_at: int | None = None
+    ready_at: int | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+    retryable: bool | None = None
+    rows: int | None = None
+    bytes: int | None = None
+    manifest: str | None = None
+    committed_attempt: int | None = None
+    created_at: int = 0
+    updated_at: int = 0
