@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check backfill tests
-	$(BIN)/ruff format --check backfill tests
+	$(BIN)/ruff check backfill tests benchmarks
+	$(BIN)/ruff format --check backfill tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 fmt: $(STAMP)
-	$(BIN)/ruff format backfill tests
-	$(BIN)/ruff check --fix backfill tests
+	$(BIN)/ruff format backfill tests benchmarks
+	$(BIN)/ruff check --fix backfill tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

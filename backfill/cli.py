@@ -74,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
         "--port", type=int, default=8080, help="port, 0 for any free one (default: %(default)s)"
     )
     simulate.add_argument("--log-file", type=Path, help="append every API call as a JSON line here")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a file downloaded by hand into the Parquet layout",
+        description="Convert one raw-data file that you downloaded yourself (the portal gives "
+        "JSON or CSV, gzip, zip or plain; the format is read from the content) into "
+        "events/app=NAME/dt=YYYY-MM-DD/*.parquet under --out, with a manifest.  Converting the "
+        "same file again replaces its earlier output.",
+        epilog="example:\n  backfill convert ~/Downloads/rawdata.csv.gz --app puzzle-quest "
+        "--out data/flurry\n\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("file", type=Path, help="the downloaded file")
+    convert.add_argument("--app", required=True, help="the app name: the partition value app=NAME")
+    convert.add_argument("--out", type=Path, required=True, help="the output root")
+    convert.add_argument("--on-bad-rows", choices=["fail", "quarantine"], default="fail",
+                         help="fail on the first row that breaks the schema (default), or set "
+                         "such rows aside in OUT/_rejects/")  # fmt: skip
     return parser
 
 
@@ -99,6 +117,49 @@ async def _simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _convert(args: argparse.Namespace) -> int:
+    import hashlib
+
+    import anyio.to_thread
+
+    from backfill.errors import BadDataError
+    from backfill.writer import Writer
+
+    if not args.file.is_file():
+        print(f"backfill: error: {args.file}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    writer = Writer(args.out, on_bad_rows=args.on_bad_rows)
+
+    def run() -> str:
+        digest = hashlib.sha256()
+        with args.file.open("rb") as handle:
+            while piece := handle.read(1 << 20):
+                digest.update(piece)
+        # The same file always lands as the same window; a new attempt replaces the old one.
+        window_id = int(digest.hexdigest()[:12], 16)
+        earlier = [p for p in writer.manifests() if p.name.startswith(f"{window_id}.")]
+        attempt = 1 + max((int(p.name.split(".")[1]) for p in earlier), default=-1)
+        manifest = writer.stage(app=args.app, window_id=window_id, attempt=attempt,
+                                start_ms=0, end_ms=0, source=args.file)  # fmt: skip
+        writer.publish(manifest)
+        for path in earlier:
+            writer.remove(writer.load_manifest(path))
+        days = sorted({f.partition for f in manifest.files})
+        span = f"{days[0]} .. {days[-1]}" if days else "no rows"
+        return (
+            f"converted {manifest.rows:,} rows into {len(manifest.files)} files "
+            f"({manifest.size:,} bytes, {span}) under {args.out}"
+            + (f"; {manifest.rejected:,} rows set aside in _rejects/" if manifest.rejected else "")
+        )
+
+    try:
+        print(await anyio.to_thread.run_sync(run))
+    except BadDataError as exc:
+        print(f"backfill: error: {args.file}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED_WINDOWS
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     from backfill.simulator import SimulatorConfigError
@@ -111,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-_COMMANDS = {"simulate": _simulate}
+_COMMANDS = {"simulate": _simulate, "convert": _convert}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,69 @@
+"""The command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from typing import TYPE_CHECKING
+
+import anyio
+import pyarrow.dataset as ds
+
+from backfill.simulator import ground_truth
+from backfill.simulator.data import encode_csv
+from tests.simkit import SMALL, settings
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+DAY = 86_400_000
+
+
+async def backfill(*args: str) -> tuple[int, str, str]:
+    done = await anyio.run_process(
+        [sys.executable, "-m", "backfill.cli", *args], cwd=ROOT, check=False
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_help_lists_the_commands_and_exit_codes() -> None:
+    code, out, _ = await backfill("--help")
+    assert code == 0
+    assert "simulate" in out and "convert" in out
+    assert "130" in out and "transient failures exhausted" in out
+
+
+async def test_convert_lands_a_hand_downloaded_file_once_however_often_it_runs(
+    tmp_path: Path,
+) -> None:
+    rows = ground_truth(settings(), SMALL.api_key, 20_000 * DAY, 20_003 * DAY)
+    source = tmp_path / "rawdata.csv.gz"
+    source.write_bytes(gzip.compress(encode_csv(rows)))
+    for _ in range(2):
+        code, out, err = await backfill(
+            "convert", str(source), "--app", "pocket notes", "--out", str(tmp_path / "out")
+        )
+        assert code == 0, err
+        assert f"converted {len(rows)} rows" in out
+    table = ds.dataset(
+        tmp_path / "out" / "events", format="parquet", partitioning="hive"
+    ).to_table()
+    assert table.num_rows == len(rows)
+    assert set(table.column("app").to_pylist()) == {"pocket notes"}, "readers decode the value"
+    assert (tmp_path / "out" / "events" / "app=pocket%20notes").is_dir()
+
+
+async def test_convert_refuses_a_corrupt_file_with_exit_4(tmp_path: Path) -> None:
+    source = tmp_path / "broken.json.gz"
+    source.write_bytes(gzip.compress(b'{"sessionTimestamp": 1}\n' * 1000)[:-20])
+    code, _, err = await backfill(
+        "convert", str(source), "--app", "a", "--out", str(tmp_path / "out")
+    )
+    assert code == 4
+    assert "truncated gzip" in err and "Traceback" not in err
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+    code, _, err = await backfill(
+        "convert", str(tmp_path / "missing.gz"), "--app", "a", "--out", str(tmp_path / "out")
+    )
+    assert code == 2 and "no such file" in err
