@@ -148,11 +148,13 @@ class RateLimitedError(RetryableError):
         retry_after_s: float | None = None,
         refill_per_minute: float | None = None,
         remaining: int | None = None,
+        limit: int | None = None,
         **kw: Unpack[Where],
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **kw)
         self.refill_per_minute = refill_per_minute
         self.remaining = remaining
+        self.limit = limit
 
 
 class LinkExpiredError(RetryableError):

@@ -17,14 +17,14 @@ Poll schedule.  With no estimate of the processing time, the first poll comes af
 ``1 + log(T / initial) / log(growth)`` times: with the defaults (30 s, ×1.25, cap 300 s) a
 30-minute request takes about 18 polls and a 4-hour one about 60 instead of the 480 a fixed
 30-second interval would make.  Once the engine has an estimate (from requests like it that
-finished), the first poll lands on the estimate and the next ones follow the same growth:
-about 1 to 3 polls per window.
+finished, ``Estimator``), the first poll lands on the estimate and the next ones come every
+5% of it: about 1 to 3 polls per window, each request seen at most 5% (or ``poll_min_s``) late.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,7 @@ from backfill.models import Outcome, OutcomeKind
 if TYPE_CHECKING:
     import random
 
-__all__ = ["Action", "Decision", "Policy", "Progress", "outcome_for"]
+__all__ = ["Action", "Decision", "Estimator", "Policy", "Progress", "outcome_for"]
 
 
 class Action(StrEnum):
@@ -82,6 +82,7 @@ class Policy:
     poll_min_s: float = 1.0
     poll_max_s: float = 300.0
     poll_growth: float = 1.25
+    poll_fine: float = 0.05  # past the estimate, poll every 5% of it
 
     def backoff(self, retries: int, rng: random.Random, *, at_least: float = 0.0) -> float:
         """Full-jitter backoff for the ``retries``-th retry, never under ``at_least``."""
@@ -91,9 +92,12 @@ class Policy:
     def poll_delay(self, progress: Progress) -> float:
         """Seconds until the next status poll (see the module docstring for the schedule)."""
         elapsed, expected = progress.elapsed_s, progress.expected_s
-        if expected is not None and elapsed < expected:
-            return max(self.poll_min_s, expected - elapsed)
-        if progress.polls == 0 and expected is None:
+        if expected is not None:
+            if elapsed < expected:
+                return max(self.poll_min_s, expected - elapsed)
+            if elapsed < 2 * expected:  # just past the estimate: look often, briefly
+                return min(self.poll_max_s, max(self.poll_min_s, self.poll_fine * expected))
+        elif progress.polls == 0:
             return self.poll_initial_s
         grown = (self.poll_growth - 1.0) * max(elapsed, self.poll_initial_s)
         return min(self.poll_max_s, max(self.poll_min_s, grown))
@@ -158,6 +162,28 @@ class Policy:
             floor = max(floor, 60.0 / outcome.refill_per_minute)
         delay = self.backoff(progress.step_retries, rng, at_least=floor)
         return Decision(action=Action.RETRY, delay_s=delay, reason=str(outcome.kind))
+
+
+@dataclass(slots=True)
+class Estimator:
+    """Processing time of requests, learned per kind of window (an EWMA of lower bounds).
+
+    A request seen finished at ``ready_s`` after being seen still processing at ``pending_s``
+    took between the two; the lower bound keeps the estimate from drifting up by our own
+    lateness.  Seen finished at the first poll (no lower bound), it took at most ``ready_s``: the
+    estimate moves 10% below that, so it can come down when requests get faster.
+    """
+
+    alpha: float = 0.5
+    _seconds: dict[str, float] = field(default_factory=dict)
+
+    def expected(self, key: str) -> float | None:
+        return self._seconds.get(key)
+
+    def observe(self, key: str, *, pending_s: float, ready_s: float) -> None:
+        sample = pending_s if pending_s > 0 else 0.9 * ready_s
+        old = self._seconds.get(key)
+        self._seconds[key] = sample if old is None else old + self.alpha * (sample - old)
 
 
 _KINDS: tuple[tuple[type[errors.BackfillError], OutcomeKind], ...] = (

@@ -188,11 +188,13 @@ def _api_error(status: int, headers: Mapping[str, str], body: bytes, ctx: Where)
         raise AuthError(f"the API refused the token ({status}: {text})")
     if status == 429:
         remaining = _number(headers, "X-RateLimit-Remaining")
+        limit = _number(headers, "X-RateLimit-Limit")
         return RateLimitedError(
             f"rate limited (429: {text})",
             retry_after_s=_number(headers, "Retry-After"),
             refill_per_minute=_number(headers, "X-RateLimit-RefillPerMinute"),
             remaining=int(remaining) if remaining is not None else None,
+            limit=int(limit) if limit is not None else None,
             **ctx,
         )
     if status >= 500:

@@ -152,6 +152,7 @@ class Writer:
         self.manifests_dir = root / "_manifests"
         self.staging = root / "_staging"
         self.rejects = root / "_rejects"
+        self.downloads = root / "_downloads"
 
     # -- paths -------------------------------------------------------------------------
 
@@ -163,6 +164,10 @@ class Writer:
 
     def _stage_dir(self, app: str, window_id: int, attempt: int) -> Path:
         return self._inside(self.staging / partition_value(app) / f"{window_id}.{attempt}")
+
+    def download_path(self, app: str, window_id: int, attempt: int) -> Path:
+        """Where a window's download lands before it is converted."""
+        return self._inside(self.downloads / partition_value(app) / f"{window_id}.{attempt}.gz")
 
     def manifest_path(self, app: str, window_id: int, attempt: int) -> Path:
         return self._inside(
@@ -313,6 +318,67 @@ class Writer:
             self._stage_dir(manifest.app, manifest.window_id, manifest.attempt), ignore_errors=True
         )
 
+    def check_manifest(self, path: Path, rows: int | None) -> list[str]:
+        """Problems with one committed attempt: its manifest, its files, their bytes and rows."""
+        if not path.exists():
+            return [f"{path}: the manifest of a committed window is missing"]
+        try:
+            manifest = self.load_manifest(path)
+        except (ValueError, TypeError, KeyError) as exc:
+            return [f"{path}: unreadable manifest ({exc})"]
+        problems = []
+        if rows is not None and manifest.rows != rows:
+            problems.append(f"{path}: {manifest.rows} rows, the ledger says {rows}")
+        for item in manifest.files:
+            final = self._final(manifest, item)
+            if not final.exists():
+                problems.append(f"{final}: missing (listed in {path.name})")
+                continue
+            if final.stat().st_size != item.size:
+                problems.append(
+                    f"{final}: {final.stat().st_size} bytes, the manifest says {item.size}"
+                )
+                continue
+            if _sha256(final) != item.sha256:
+                problems.append(f"{final}: sha256 differs from the manifest")
+                continue
+            try:
+                found = pq.read_metadata(final).num_rows
+            except (OSError, pa.ArrowException) as exc:
+                problems.append(f"{final}: unreadable Parquet ({exc})")
+                continue
+            if found != item.rows:
+                problems.append(f"{final}: {found} rows, the manifest says {item.rows}")
+        return problems
+
+    def orphans(self, live: set[tuple[int, int]]) -> list[str]:
+        """Files a reader could see, or that linger, which belong to no committed attempt."""
+        problems = []
+        pattern = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet$")
+        for path in sorted(self.events.glob("app=*/dt=*/*")) if self.events.exists() else []:
+            match = pattern.match(path.name)
+            if not match:
+                problems.append(f"{path}: not a file backfill wrote")
+            elif (int(match[1]), int(match[2])) not in live:
+                problems.append(f"{path}: belongs to no committed window attempt")
+        for path in self.manifests():
+            match = re.fullmatch(r"(\d+)\.(\d+)\.json", path.name)
+            if not match or (int(match[1]), int(match[2])) not in live:
+                problems.append(f"{path}: manifest of no committed window attempt")
+        if self.staging.exists() and any(p.is_file() for p in self.staging.rglob("*")):
+            problems.append(f"{self.staging}: staged files left behind (the next run sweeps them)")
+        return problems
+
+    def sweep_downloads(self, keep: set[tuple[int, int]]) -> int:
+        """Delete downloads whose (window id, attempt) is not in ``keep``; returns how many."""
+        removed = 0
+        for path in self.downloads.glob("*/*.gz") if self.downloads.exists() else []:
+            match = re.fullmatch(r"(\d+)\.(\d+)\.gz", path.name)
+            if not match or (int(match[1]), int(match[2])) not in keep:
+                path.unlink()
+                removed += 1
+        return removed
+
     def discard_staging(self) -> None:
         """Drop everything staged (call only when no stage is running)."""
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -402,7 +468,7 @@ class _PartitionSink:
     """Buffers rows per UTC day and writes each day as sorted zstd Parquet files."""
 
     def __init__(self, writer: Writer, stage_dir: Path, window_id: int, attempt: int) -> None:
-        self.background = _Background()
+        self.background = _Background(depth=1)
         self.writer = writer
         self.stage_dir = stage_dir
         self.window_id = window_id
@@ -435,7 +501,11 @@ class _PartitionSink:
             self.buffered += piece.nbytes
         # A day the last two blocks did not touch is most likely complete (downloads come
         # sorted by session): write it now, so writing overlaps with parsing.
-        for part in [p for p in self.partitions.values() if p.touched < self.tick - 1]:
+        # A day past the file size is written now too: memory stays flat however big days get.
+        limit = self.writer.limits.file_bytes
+        for part in [
+            p for p in self.partitions.values() if p.touched < self.tick - 1 or p.nbytes >= limit
+        ]:
             self._flush(part)
         while self.buffered > self.writer.limits.buffer_bytes and self.partitions:
             self._flush(min(self.partitions.values(), key=lambda p: (p.touched, -p.nbytes)))

@@ -1,0 +1,112 @@
+"""What the ledger and the output say together: ``status`` rows and ``verify`` problems."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from backfill.models import WindowState, iso
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from backfill.ledger import Ledger
+    from backfill.writer import Writer
+
+__all__ = ["AppStatus", "status", "verify"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppStatus:
+    """One app's line of ``backfill status``."""
+
+    app: str
+    committed: int
+    failed: int
+    pending: int  # every unfinished state
+    split: int
+    rows: int
+    bytes: int
+    first_day: str | None
+    last_day: str | None  # the last day covered (the end is exclusive)
+    gaps: tuple[tuple[str, str], ...]
+    errors: tuple[tuple[str, str], ...]  # (window, last error) of each FAILED window
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "windows": {
+                "committed": self.committed,
+                "failed": self.failed,
+                "pending": self.pending,
+                "split": self.split,
+            },  # fmt: skip
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "first_day": self.first_day,
+            "last_day": self.last_day,
+            "gaps": [{"start": a, "end": b} for a, b in self.gaps],
+            "failures": [{"window": w, "error": e} for w, e in self.errors],
+        }
+
+
+async def status(ledger: Ledger, apps: Iterable[str]) -> list[AppStatus]:
+    """Per app: windows by state, rows and bytes landed, the days covered, gaps and failures."""
+    names = list(apps)
+    coverage = {c.app: c for c in await ledger.coverage(names)}
+    failed = await ledger.failed(names)
+    out = []
+    for name in names:
+        c = coverage.get(name)
+        states = c.states if c else {}
+        unfinished = sum(n for s, n in states.items() if s not in ("COMMITTED", "FAILED", "SPLIT"))
+        out.append(
+            AppStatus(
+                app=name,
+                committed=states.get("COMMITTED", 0),
+                failed=states.get("FAILED", 0),
+                pending=unfinished,
+                split=states.get("SPLIT", 0),
+                rows=c.rows if c else 0,
+                bytes=c.bytes if c else 0,
+                first_day=iso(c.first_ms)[:10] if c and c.first_ms is not None else None,
+                last_day=iso(c.last_ms - 1)[:10] if c and c.last_ms is not None else None,
+                gaps=tuple((iso(a), iso(b)) for a, b in c.gaps) if c else (),
+                errors=tuple(
+                    (r.window.label, r.error_message or r.error_class or "?")
+                    for r in failed
+                    if r.window.app == name
+                ),  # fmt: skip
+            )
+        )
+    return out
+
+
+async def verify(ledger: Ledger, writer: Writer) -> list[str]:
+    """Every problem found: files against manifests, orphans, and windows that do not tile."""
+    records = await ledger.windows()
+    problems: list[str] = []
+    live: set[tuple[int, int]] = set()
+    committed = [r for r in records if r.committed_attempt is not None]
+    for record in committed:
+        assert record.committed_attempt is not None
+        live.add((record.id, record.committed_attempt))
+        path = writer.manifest_path(record.window.app, record.id, record.committed_attempt)
+        problems += await anyio.to_thread.run_sync(writer.check_manifest, path, record.rows)
+    problems += await anyio.to_thread.run_sync(writer.orphans, live)
+    by_app: dict[str, list[tuple[int, int]]] = {}
+    for record in records:
+        if record.state is not WindowState.SPLIT:
+            by_app.setdefault(record.window.app, []).append(
+                (record.window.start, record.window.end)
+            )
+    for app, spans in sorted(by_app.items()):
+        spans.sort()
+        for (a0, a1), (b0, b1) in zip(spans, spans[1:], strict=False):
+            if b0 < a1:
+                problems.append(
+                    f"{app}: windows overlap: {iso(a0)}/{iso(a1)} and {iso(b0)}/{iso(b1)}"
+                )
+    return problems

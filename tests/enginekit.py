@@ -1,0 +1,110 @@
+"""Helpers for running the engine against the simulator in-process, and checking its output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.dataset as ds
+
+from backfill.client import FlurryClient, Secret
+from backfill.config import ApiSettings, AppSettings, OutputSettings, Settings, WindowSettings
+from backfill.engine import Engine
+from backfill.ledger import Ledger
+from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
+from backfill.writer import Writer
+from tests.simkit import TOKEN
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from backfill.simulator import Simulator
+
+DAY = 86_400_000
+APPS = (
+    AppProfile(name="small", api_key="SMALL00000000000APP1", sessions_per_day=4, events_per_session=2),
+    AppProfile(name="medium", api_key="MEDIUM000000000APP22", sessions_per_day=10, events_per_session=3),
+    AppProfile(name="large", api_key="LARGE0000000000APP33", sessions_per_day=30, events_per_session=3,
+               spike_every_days=20, spike_factor=6, too_large_rows=900),
+)  # fmt: skip
+
+
+def sim_settings(**changes: Any) -> SimulatorSettings:
+    base: dict[str, Any] = {
+        "token": TOKEN,
+        "seed": 5,
+        "apps": APPS,
+        "latency_base_s": 0.0,
+        "latency_per_krow_s": 0.0,
+        "max_processing": 100,
+        "retry_after_s": 0,
+        "too_large_phrasings": ("canonical", "days", "adverb", "article", "iso", "millis"),
+    }
+    return SimulatorSettings(**(base | changes))
+
+
+def engine_settings(
+    base_url: str, root: Path, *, history_days: int = 730, fmt: str = "JSON", **api: Any
+) -> Settings:
+    api_fields: dict[str, Any] = {
+        "base_url": base_url,
+        "token_env": "FLURRY_TOKEN",
+        "format": fmt,
+        "max_in_flight": 4,
+        "calls_per_minute": 100_000,
+        "poll_initial_s": 0.01,
+        "poll_min_s": 0.005,
+        "poll_max_s": 0.5,
+        "max_attempts": 12,
+    }
+    return Settings(
+        api=ApiSettings(**(api_fields | api)),
+        windows=WindowSettings(history_days=history_days, lag_hours=24, lookback_days=3),
+        output=OutputSettings(root=root),
+        apps=tuple(AppSettings(name=a.name, api_key=a.api_key) for a in APPS),
+    )
+
+
+@contextlib.asynccontextmanager
+async def engine(settings: Settings, **kwargs: Any) -> AsyncIterator[Engine]:
+    ledger = await Ledger.open(settings.ledger_path)
+    try:
+        async with FlurryClient(base_url=settings.api.base_url, token=Secret(TOKEN)) as api:
+            yield Engine(
+                settings=settings,
+                ledger=ledger,
+                writer=Writer(settings.output.root),
+                api=api,
+                **kwargs,
+            )
+    finally:
+        await ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def simulator(sim: SimulatorSettings) -> AsyncIterator[tuple[Simulator, str]]:
+    async with serve(sim) as served:
+        yield served
+
+
+def landed(root: Path, app: str) -> list[str]:
+    """The rows landed for ``app``, each as a canonical JSON string, sorted."""
+    path = root / "events" / f"app={app}"
+    if not path.exists():
+        return []
+    table = ds.dataset(path, format="parquet").to_table()
+    out = []
+    for row in table.to_pylist():
+        row["sessionTimestamp"] = int(row["sessionTimestamp"].timestamp() * 1000)
+        del row["eventTimestamp"]
+        for name in ("deviceIdentifiers", "eventParameters", "sessionProperties"):
+            row[name] = dict(row[name]) if row[name] is not None else None
+        out.append(json.dumps(row, sort_keys=True))
+    return sorted(out)
+
+
+def truth(sim: SimulatorSettings, app: str, start: int, end: int) -> list[str]:
+    api_key = next(a.api_key for a in APPS if a.name == app)
+    return sorted(json.dumps(r, sort_keys=True) for r in ground_truth(sim, api_key, start, end))
