@@ -58,6 +58,8 @@ class ApiSettings:
     poll_max_s: float = 300.0
     request_timeout_s: float = 6 * 3600.0
     max_attempts: int = 8  # retries of one step (5xx, 429, connection) before the window fails
+    backoff_base_s: float = 1.0  # full-jitter backoff: uniform in [0, base * 2**retries] ...
+    backoff_cap_s: float = 300.0  # ... never above this
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
 

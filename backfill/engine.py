@@ -109,6 +109,7 @@ class _Stopping(Exception):
 class _Flight:
     """One window's in-memory state while a worker drives it (the ledger has the rest)."""
 
+    record: WindowRecord | None = None  # the window as the ledger last moved it
     url: str | None = None
     accepted_at: float = 0.0  # monotonic seconds when the current request was accepted
     pending_s: float = 0.0  # elapsed at the last poll that saw it still processing
@@ -189,6 +190,8 @@ class Engine:
             poll_max_s=a.poll_max_s,
             request_timeout_s=a.request_timeout_s,
             max_step_retries=a.max_attempts,
+            backoff_base_s=a.backoff_base_s,
+            backoff_cap_s=a.backoff_cap_s,
         )
         self.estimator = Estimator()
         self.log = logs.get("engine")
@@ -390,6 +393,7 @@ class Engine:
             await self._presplit(record)  # planned before the size was learned
             return
         while record.state not in (S.COMMITTED, S.FAILED, S.SPLIT):
+            flight.record = record
             try:
                 if record.state is S.PENDING:
                     record = await self._submit(record, app, flight)
@@ -406,6 +410,8 @@ class Engine:
             except _Stopping:
                 return
             except WindowError as exc:
+                # A step may have moved the window before failing: decide on where it is now.
+                record = flight.record if flight.record is not None else record
                 next_record = await self._decide(record, flight, exc)
                 if next_record is None:
                     return
@@ -447,7 +453,7 @@ class Engine:
                 0,
                 None,
             )
-            record = await self.ledger.advance(
+            record = flight.record = await self.ledger.advance(
                 record, S.SUBMITTED, request_id=request_id, submitted_at=self.now_ms()
             )
             self._event("window.submit.ok", record)
@@ -505,7 +511,9 @@ class Engine:
                 continue
             self.estimator.observe(key, pending_s=flight.pending_s, ready_s=elapsed)
             flight.url = answer.url
-            record = await self.ledger.advance(record, S.READY, ready_at=self.now_ms())
+            record = flight.record = await self.ledger.advance(
+                record, S.READY, ready_at=self.now_ms()
+            )
             self._event("window.poll.ready", record, polls=flight.polls, seconds=round(elapsed, 3))
             return record
 
@@ -533,7 +541,7 @@ class Engine:
             if scope.cancelled_caught:
                 target.unlink(missing_ok=True)
                 raise _Stopping
-        record = await self.ledger.advance(record, S.DOWNLOADED)
+        record = flight.record = await self.ledger.advance(record, S.DOWNLOADED)
         self._event("window.download.ok", record, bytes=size)
         return record
 

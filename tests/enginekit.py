@@ -40,6 +40,7 @@ def sim_settings(**changes: Any) -> SimulatorSettings:
         "latency_per_krow_s": 0.0,
         "max_processing": 100,
         "retry_after_s": 0,
+        "refill_per_minute": 60_000,
         "too_large_phrasings": ("canonical", "days", "adverb", "article", "iso", "millis"),
     }
     return SimulatorSettings(**(base | changes))
@@ -58,6 +59,8 @@ def engine_settings(
         "poll_min_s": 0.005,
         "poll_max_s": 0.5,
         "max_attempts": 12,
+        "backoff_base_s": 0.01,
+        "backoff_cap_s": 0.2,
     }
     return Settings(
         api=ApiSettings(**(api_fields | api)),
@@ -108,3 +111,75 @@ def landed(root: Path, app: str) -> list[str]:
 def truth(sim: SimulatorSettings, app: str, start: int, end: int) -> list[str]:
     api_key = next(a.api_key for a in APPS if a.name == app)
     return sorted(json.dumps(r, sort_keys=True) for r in ground_truth(sim, api_key, start, end))
+
+
+@contextlib.asynccontextmanager
+async def simulator_process(sim: SimulatorSettings, work: Path) -> AsyncIterator[tuple[str, Path]]:
+    """The simulator in a real subprocess (it outlives killed runs); yields its URL and call log."""
+    import sys
+
+    import anyio
+
+    from tests.simkit import to_toml
+
+    config = work / "simulator.toml"
+    config.write_text(to_toml(sim))
+    calls = work / "calls.jsonl"
+    command = [
+        sys.executable,
+        "-m",
+        "backfill.cli",
+        "simulate",
+        "--config",
+        str(config),
+        "--port",
+        "0",
+        "--log-file",
+        str(calls),
+    ]
+    async with await anyio.open_process(command, cwd=ROOT) as process:
+        assert process.stdout is not None
+        first = (await process.stdout.receive()).decode().splitlines()[0]
+        base = first.rsplit(" ", 1)[-1]
+        try:
+            yield base, calls
+        finally:
+            process.terminate()
+            await process.wait()
+
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def write_config(
+    work: Path,
+    base: str,
+    *,
+    history_days: int,
+    extra_api: str = "",
+    apps: tuple[AppProfile, ...] = APPS,
+) -> Path:
+    """A real config file for the CLI, its token in $FLURRY_TOKEN."""
+    lines = [
+        "[api]",
+        f'base_url = "{base}"',
+        'token_env = "FLURRY_TOKEN"',
+        "max_in_flight = 4",
+        "calls_per_minute = 100000",
+        "poll_initial_s = 0.05",
+        "poll_min_s = 0.02",
+        "poll_max_s = 0.5",
+        "conversions_at_once = 2",
+        extra_api,
+        "[windows]",
+        f"history_days = {history_days}",
+        "lag_hours = 24",
+        "lookback_days = 3",
+        "[output]",
+        f'root = "{work / "out"}"',
+    ]
+    for app in apps:
+        lines += ["[[apps]]", f'name = "{app.name}"', f'api_key = "{app.api_key}"']
+    path = work / "backfill.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -138,3 +139,29 @@ async def running(
         aiohttp.ClientSession() as http,
     ):
         yield sim, Api(base, http)
+
+
+def to_toml(sim: SimulatorSettings) -> str:
+    """The ``[simulator]`` table for ``sim``, so a test can serve it from a real subprocess."""
+    import dataclasses
+
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = ["[simulator]"]
+    for f in dataclasses.fields(sim):
+        v = getattr(sim, f.name)
+        if f.name not in ("apps", "faults"):
+            lines.append(f"{f.name} = {value(v)}")
+    lines.append("[simulator.faults]")
+    lines += [
+        f"{f.name} = {value(getattr(sim.faults, f.name))}" for f in dataclasses.fields(sim.faults)
+    ]
+    for app in sim.apps:
+        lines.append("[[simulator.apps]]")
+        lines += [f"{f.name} = {value(getattr(app, f.name))}" for f in dataclasses.fields(app)]
+    return "\n".join(lines) + "\n"

@@ -69,6 +69,7 @@ class CallRecord:
     api_key: str | None = None
     start_ms: int | None = None
     end_ms: int | None = None  # exclusive
+    outcome: str | None = None  # the requestStatus answered, for status calls
 
 
 @dataclass(slots=True, kw_only=True)
@@ -290,7 +291,7 @@ class Simulator:
         if wanted is not None:
             keep = set(wanted.split(","))
             attributes = {k: v for k, v in attributes.items() if k in keep or k == "message"}
-        self._record(record)
+        self._record(_with(record, outcome=attributes.get("requestStatus")))
         body = {"data": {"type": "rawData", "id": req.id, "attributes": attributes}}
         return _json(200, body)
 
