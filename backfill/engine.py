@@ -426,12 +426,13 @@ class Engine:
     async def _submit(
         self, record: WindowRecord, app: AppSettings, flight: _Flight
     ) -> WindowRecord:
-        async with self._slot(app):
-            while True:
-                wait = self._submit_open_at - self.clock()
-                if wait > 0 or self.stopping:
-                    await self._sleep(wait)  # a 429 closed the gate: polls go on, submits wait
-                    continue
+        while True:
+            # A 429 closes the gate for everyone's submits (polls go on); wait outside a slot.
+            await self._sleep(max(0.0, self._submit_open_at - self.clock()))
+            retry_in = 0.0
+            async with self._slot(app):
+                if self._submit_open_at > self.clock():
+                    continue  # the gate closed while this window waited for its slot
                 await self._pacer.wait()
                 try:
                     request_id = await self.api.submit(
@@ -442,27 +443,28 @@ class Engine:
                         event_ids=app.event_ids,
                     )
                 except RetryableError as exc:
-                    await self._retry_step(record, flight, exc, gate=True)
-                    continue
-                break
-            if self._at_planned_size(record.window):
-                self._sizes.setdefault(app.name, _SizeStats()).tried += 1
-            flight.accepted_at, flight.pending_s, flight.polls, flight.url = (
-                self.clock(),
-                0.0,
-                0,
-                None,
-            )
-            record = flight.record = await self.ledger.advance(
-                record, S.SUBMITTED, request_id=request_id, submitted_at=self.now_ms()
-            )
-            self._event("window.submit.ok", record)
-            return await self._wait_ready(record, flight)
+                    retry_in = self._backoff(record, flight, exc, gate=True)
+                else:
+                    if self._at_planned_size(record.window):
+                        self._sizes.setdefault(app.name, _SizeStats()).tried += 1
+                    flight.accepted_at, flight.pending_s, flight.polls = self.clock(), 0.0, 0
+                    flight.url = None
+                    record = flight.record = await self.ledger.advance(
+                        record, S.SUBMITTED, request_id=request_id, submitted_at=self.now_ms()
+                    )
+                    self._event("window.submit.ok", record)
+                    return await self._wait_ready(record, flight)
+            await self._sleep(retry_in)  # outside the slot: a 429 may have lowered the cap
 
-    async def _retry_step(
+    def _backoff(
         self, record: WindowRecord, flight: _Flight, exc: RetryableError, *, gate: bool = False
-    ) -> None:
-        """Back off before repeating a step that failed in a retryable way (or give up)."""
+    ) -> float:
+        """How long to wait before repeating a step that failed in a retryable way.
+
+        Raises ``exc`` again when the policy gives up (the caller's handler fails the window).
+        On a 429 at submit, closes the submit gate and lowers the in-flight cap to the limit
+        Flurry reported.
+        """
         outcome = outcome_for(exc)
         decision = self.policy.decide(outcome, flight.progress(self.clock()), self.rng)
         if decision.action is Action.FAIL:
@@ -476,7 +478,7 @@ class Engine:
         self._event(
             "window.retry.wait", record, reason=str(exc), delay_s=round(decision.delay_s, 3)
         )
-        await self._sleep(decision.delay_s)
+        return decision.delay_s
 
     def _estimate_key(self, window: Window) -> str:
         return f"{window.app}:{window.length // HOUR_MS}"
@@ -501,7 +503,7 @@ class Engine:
             try:
                 answer = await self.api.status(record.request_id, window=record.window)
             except RetryableError as exc:
-                await self._retry_step(record, flight, exc)
+                await self._sleep(self._backoff(record, flight, exc))
                 continue
             flight.polls += 1
             flight.step_retries = 0
