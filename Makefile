@@ -1,10 +1,11 @@
 # One gate: `make lint` and `make test` are exactly what CI (.ci/run) runs.
+# Every target sets up .venv itself, so each works on a fresh clone.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test fmt clean
+.PHONY: install demo lint test bench fmt clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/backfill demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check backfill tests benchmarks
@@ -23,9 +27,13 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/makespan.py
+
 fmt: $(STAMP)
 	$(BIN)/ruff format backfill tests benchmarks
 	$(BIN)/ruff check --fix backfill tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis data/demo data/bench

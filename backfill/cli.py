@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from backfill import __version__, config, logs
-from backfill.errors import AuthError, BackfillError, ConfigError, IntegrityError
+from backfill.errors import AuthError, BackfillError, ConfigError, IntegrityError, first_of
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -748,7 +748,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     logs.configure(fmt=getattr(args, "log_format", "auto"), level="warning" if quiet else "info")
     crashpoints.arm(env.get("BACKFILL_CRASH_AT"))  # the crash tests' seam; unset in real use
     try:
-        return anyio.run(_COMMANDS[args.command], args, env)
+        try:
+            return anyio.run(_COMMANDS[args.command], args, env)
+        except BaseExceptionGroup as group:  # task groups wrap what ended them
+            found = first_of(group)
+            if found is None:
+                raise
+            raise found from None
     except (ConfigError, SimulatorConfigError) as exc:
         print(f"backfill: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -34,6 +34,7 @@ from backfill.errors import (
     RequestTimeoutError,
     RetryableError,
     WindowError,
+    first_of,
 )
 from backfill.models import (
     DAY_MS,
@@ -330,9 +331,13 @@ class Engine:
                     send.close()
                 for _ in range(workers):
                     group.start_soon(self._worker, receive.clone())
-        except FatalError as exc:
-            self.summary.fatal = str(exc)
-            raise
+        except BaseExceptionGroup as group:
+            # A fatal error (401, ledger trouble) ended the task group: raise it as itself.
+            fatal = first_of(group)
+            if fatal is None:
+                raise
+            self.summary.fatal = str(fatal)
+            raise fatal from None
         finally:
             self.summary.wall_s = self.clock() - began
             self.summary.interrupted = self.stopping

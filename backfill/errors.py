@@ -32,6 +32,7 @@ from typing import TypedDict, Unpack
 
 __all__ = [
     "AuthError",
+    "first_of",
     "Where",
     "BackfillError",
     "BadDataError",
@@ -201,3 +202,14 @@ class CannotSplitError(WindowFailedError):
 
 class BadDataError(WindowFailedError):
     """A download that is corrupt, too big, or breaks the schema."""
+
+
+def first_of(error: BaseException) -> BackfillError | None:
+    """The first ``BackfillError`` inside ``error`` (itself, or nested in exception groups)."""
+    if isinstance(error, BackfillError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := first_of(inner)) is not None:
+                return found
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -51,7 +52,7 @@ async def test_ten_kills_then_a_clean_run_lands_exactly_the_truth_without_resubm
     assert kills >= 8, "the runs must really be killed mid-way"
     now = int(time.time() * 1000)
     start = max(
-        planner.floor_midnight(now - HISTORY_DAYS * DAY_MS, planner.dt.UTC),
+        planner.floor_midnight(now - HISTORY_DAYS * DAY_MS, dt.UTC),
         planner.horizon_start(now),
     )
     end = planner.range_end(now, 24 * HOUR_MS)

@@ -87,6 +87,7 @@ class _Request:
     message: str | None = None
     body: bytes | None = None
     members: int = 1
+    corrupt: bool = False
     building: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -235,6 +236,7 @@ class Simulator:
             fate=fate,
             message=message,
             members=self._rng.randint(2, 4) if self._roll(faults.multi_member) else 1,
+            corrupt=self._roll(faults.corrupt_download),
         )
         body = {
             "data": {
@@ -367,7 +369,15 @@ class Simulator:
             event_ids=req.event_ids,
         )
         encode = data.encode_json if req.output_format == "JSON" else data.encode_csv
-        return data.gzip_members(encode(rows), req.members)
+        payload = data.gzip_members(encode(rows), req.members)
+        if req.corrupt:  # damage the deflate stream and the CRC: no client can read it back
+            middle = len(payload) // 2
+            payload = (
+                payload[:middle]
+                + bytes(b ^ 0x5A for b in payload[middle : middle + 64])
+                + payload[middle + 64 :]
+            )
+        return payload
 
     async def _send(self, request: web.Request, payload: bytes) -> web.StreamResponse:
         start, stop = 0, len(payload)

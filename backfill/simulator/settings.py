@@ -76,6 +76,7 @@ class Faults:
     expired_link: float = 0.0  # a status GET mints a link that has already expired
     expired_results: float = 0.0  # a finished request reports "Expired URI..."
     too_large_at_poll: float = 0.0  # a too-large window is accepted, then reported as Failure
+    corrupt_download: float = 0.0  # a request's file is served with damaged gzip data
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
