@@ -431,11 +431,19 @@ def _print_summary(summary: Summary) -> None:
 # -- the commands ---------------------------------------------------------------------------
 
 
-async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def _prologue(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[Settings, list[AppSettings], str]:
+    """The config, the chosen apps and the token (registered for redaction) of a command."""
     settings = _load(args, env)
     apps = _chosen(settings, args.app)
     token = config.read_token(settings, env)
     logs.register_secret(token)
+    return settings, apps, token
+
+
+async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings, apps, token = _prologue(args, env)
     if args.start is not None and args.end is not None and args.end <= args.start:
         raise ConfigError(
             f"--end must be after --start (got {_day(args.start)} .. {_day(args.end)})"
@@ -452,10 +460,7 @@ async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 async def _sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = _load(args, env)
-    apps = _chosen(settings, args.app)
-    token = config.read_token(settings, env)
-    logs.register_secret(token)
+    settings, apps, token = _prologue(args, env)
 
     async def prepare(engine: Engine) -> tuple[int | None, int | None]:
         for app in apps:
@@ -470,10 +475,7 @@ async def _sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 async def _retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    settings = _load(args, env)
-    apps = _chosen(settings, args.app)
-    token = config.read_token(settings, env)
-    logs.register_secret(token)
+    settings, apps, token = _prologue(args, env)
 
     async def prepare(engine: Engine) -> tuple[int | None, int | None]:
         count = await engine.requeue_failed(apps)

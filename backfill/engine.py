@@ -719,16 +719,22 @@ async def land(ledger: Ledger, writer: Writer, record: WindowRecord, source: Pat
     with anyio.CancelScope(shield=True):
         record = await ledger.advance(record, WindowState.STAGED)
         path = await anyio.to_thread.run_sync(writer.publish, manifest)
-        previous = record.committed_attempt
-        record = await ledger.advance(
-            record,
-            WindowState.COMMITTED,
-            rows=manifest.rows,
-            bytes=manifest.size,
-            manifest=str(path),
+        record = await _commit(ledger, writer, record, manifest, path)
+    return record
+
+
+async def _commit(
+    ledger: Ledger, writer: Writer, record: WindowRecord, manifest: Manifest, path: Path
+) -> WindowRecord:
+    """STAGED → COMMITTED for a published manifest, then drop the attempt committed before."""
+    previous = record.committed_attempt
+    record = await ledger.advance(
+        record, WindowState.COMMITTED, rows=manifest.rows, bytes=manifest.size, manifest=str(path)
+    )
+    if previous is not None and previous != record.attempt:
+        await anyio.to_thread.run_sync(
+            _remove_attempt, writer, record.window.app, record.id, previous
         )
-        if previous is not None and previous != record.attempt:
-            await anyio.to_thread.run_sync(_remove_attempt, writer, window.app, record.id, previous)
     return record
 
 
@@ -765,18 +771,7 @@ async def recover(ledger: Ledger, writer: Writer) -> Recovery:
         path = writer.manifest_path(window.app, record.id, record.attempt)
         manifest = await anyio.to_thread.run_sync(_manifest_if_any, writer, path)
         if manifest is not None and await anyio.to_thread.run_sync(writer.finish, manifest):
-            previous = record.committed_attempt
-            await ledger.advance(
-                record,
-                WindowState.COMMITTED,
-                rows=manifest.rows,
-                bytes=manifest.size,
-                manifest=str(path),
-            )
-            if previous is not None and previous != record.attempt:
-                await anyio.to_thread.run_sync(
-                    _remove_attempt, writer, window.app, record.id, previous
-                )
+            await _commit(ledger, writer, record, manifest, path)
             report.finished.append(record.id)
             continue
         if manifest is not None:
