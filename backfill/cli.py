@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         help="log lines for people (console) or machines (json); auto: console on a terminal",
     )
     base.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    base.add_argument("--progress-interval", type=float, default=10.0, help=argparse.SUPPRESS)
     apps = argparse.ArgumentParser(add_help=False)
     apps.add_argument(
         "--app",
@@ -333,6 +335,7 @@ async def _drive(
     apps: list[AppSettings],
     prepare: Callable[[Engine], Awaitable[tuple[int | None, int | None]]],
     quiet: bool,
+    interval: float = 10.0,
 ) -> int:
     """Open everything, run ``prepare`` (planning), run the engine under signals, summarise."""
     from backfill.client import FlurryClient, Secret, Timeouts
@@ -353,7 +356,7 @@ async def _drive(
             writer = Writer(settings.output.root, on_bad_rows=settings.output.on_bad_rows)  # type: ignore[arg-type]
             engine = Engine(settings=settings, ledger=ledger, writer=writer, api=api)
             start, end = await prepare(engine)
-            summary = await _run_with_signals(engine, apps, quiet)
+            summary = await _run_with_signals(engine, apps, quiet, interval)
             if summary.fatal is None and not summary.interrupted:
                 standing = await outcome_of_range(ledger, [a.name for a in apps], start, end)
                 summary.exit_code = {
@@ -366,7 +369,62 @@ async def _drive(
             return summary.exit_code
 
 
-async def _run_with_signals(engine: Engine, apps: list[AppSettings], quiet: bool) -> Summary:
+async def _progress(engine: Engine, interval: float) -> None:
+    """A live table on a terminal; elsewhere a ``run.progress`` log line every ``interval`` s."""
+    began = time.monotonic()
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.live import Live
+
+        with Live(console=Console(stderr=True), refresh_per_second=2) as live:
+            while True:
+                live.update(_progress_table(engine, time.monotonic() - began))
+                await anyio.sleep(0.5)
+    log = logs.get("cli")
+    while True:
+        await anyio.sleep(interval)
+        apps = {name: f"{t.committed}/{t.planned}" for name, t in sorted(engine.tallies.items())}
+        total = sum(t.planned for t in engine.tallies.values())
+        done = sum(t.committed + t.failed for t in engine.tallies.values())
+        log.info(
+            "run.progress",
+            windows=apps,
+            failed=engine.summary.failed,
+            rows=engine.summary.rows,
+            bytes=engine.summary.bytes,
+            processing=engine.processing,
+            eta_s=_eta(time.monotonic() - began, done, total),
+        )
+
+
+def _eta(elapsed: float, done: int, total: int) -> int | None:
+    return round(elapsed / done * (total - done)) if done else None
+
+
+def _progress_table(engine: Engine, elapsed: float) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"backfill: {engine.processing} requests processing at Flurry", title_justify="left"
+    )
+    for column in ("app", "windows", "failed", "rows", "bytes", "eta"):
+        table.add_column(column, justify="left" if column == "app" else "right")
+    for name, t in sorted(engine.tallies.items()):
+        eta = _eta(elapsed, t.committed + t.failed, t.planned)
+        table.add_row(
+            name,
+            f"{t.committed}/{t.planned}",
+            str(t.failed),
+            f"{t.rows:,}",
+            f"{t.bytes:,}",
+            "-" if eta is None else f"{eta} s",
+        )
+    return table
+
+
+async def _run_with_signals(
+    engine: Engine, apps: list[AppSettings], quiet: bool, interval: float = 10.0
+) -> Summary:
     """Run the engine; the first SIGINT/SIGTERM drains gently, the second stops at once."""
     log = logs.get("cli")
     result: list[Summary] = []
@@ -386,18 +444,7 @@ async def _run_with_signals(engine: Engine, apps: list[AppSettings], quiet: bool
                     scope.cancel()
 
     async def progress() -> None:
-        while True:
-            await anyio.sleep(10)
-            s = engine.summary
-            log.info(
-                "run.progress",
-                committed=s.committed,
-                split=s.split,
-                failed=s.failed,
-                rows=s.rows,
-                processing=engine.processing,
-                api_calls=engine.api.calls.submit + engine.api.calls.status,
-            )
+        await _progress(engine, interval)
 
     async with anyio.create_task_group() as group:
         group.start_soon(watch, group.cancel_scope)
@@ -456,7 +503,7 @@ async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         await engine.plan(apps, start, end)
         return start, end
 
-    return await _drive(settings, token, apps, prepare, args.quiet)
+    return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
 
 
 async def _sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -471,7 +518,7 @@ async def _sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             await engine.plan([app], start, end)
         return None, None
 
-    return await _drive(settings, token, apps, prepare, args.quiet)
+    return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
 
 
 async def _retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -482,7 +529,7 @@ async def _retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"retrying {count} failed window{'s' * (count != 1)}")
         return None, None
 
-    return await _drive(settings, token, apps, prepare, args.quiet)
+    return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
 
 
 def _day(ms: int) -> str:
@@ -747,7 +794,14 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     env = os.environ if env is None else env
     args = _parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    logs.configure(fmt=getattr(args, "log_format", "auto"), level="warning" if quiet else "info")
+    log_format: Any = getattr(args, "log_format", "auto")
+    # On a terminal the live progress table says what info lines would; keep the screen clean.
+    live = (
+        log_format == "auto"
+        and sys.stderr.isatty()
+        and args.command in ("run", "sync", "retry", "demo")
+    )
+    logs.configure(fmt=log_format, level="warning" if quiet or live else "info")
     crashpoints.arm(env.get("BACKFILL_CRASH_AT"))  # the crash tests' seam; unset in real use
     try:
         try:

@@ -60,7 +60,16 @@ if TYPE_CHECKING:
     from backfill.models import Window
     from backfill.writer import Manifest, Writer
 
-__all__ = ["Api", "Engine", "Recovery", "Summary", "land", "outcome_of_range", "recover"]
+__all__ = [
+    "Api",
+    "AppTally",
+    "Engine",
+    "Recovery",
+    "Summary",
+    "land",
+    "outcome_of_range",
+    "recover",
+]
 
 S = WindowState
 
@@ -100,6 +109,17 @@ class Summary:
     exit_code: int = 0
     calls: dict[str, int] = field(default_factory=dict)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # app, window, reason
+
+
+@dataclass(slots=True)
+class AppTally:
+    """One app's windows in this run: planned (after splits), committed, failed; what landed."""
+
+    planned: int = 0
+    committed: int = 0
+    failed: int = 0
+    rows: int = 0
+    bytes: int = 0
 
 
 class _Stopping(Exception):
@@ -209,6 +229,7 @@ class Engine:
         self._download_scopes: set[anyio.CancelScope] = set()
         self.stopping = False
         self.summary = Summary()
+        self.tallies: dict[str, AppTally] = {}
         self._outstanding = 0
         self._send: MemoryObjectSendStream[WindowRecord] | None = None
 
@@ -326,6 +347,8 @@ class Engine:
             async with anyio.create_task_group() as group, receive:
                 self._outstanding = len(work)
                 for record in work:
+                    self.tally(record.window.app).planned += 1
+                for record in work:
                     send.send_nowait(record)
                 if not work:
                     send.close()
@@ -358,9 +381,14 @@ class Engine:
                     if self._outstanding == 0 and self._send is not None:
                         self._send.close()
 
+    def tally(self, app: str) -> AppTally:
+        """This run's counts for ``app`` (the progress display reads them)."""
+        return self.tallies.setdefault(app, AppTally())
+
     def _enqueue(self, records: Iterable[WindowRecord]) -> None:
         assert self._send is not None
         for record in records:
+            self.tally(record.window.app).planned += 1
             self._outstanding += 1
             self._send.send_nowait(record)
 
@@ -562,6 +590,10 @@ class Engine:
             record = await land(self.ledger, self.writer, record, source)
         source.unlink(missing_ok=True)
         self.summary.committed += 1
+        tally = self.tally(record.window.app)
+        tally.committed += 1
+        tally.rows += record.rows or 0
+        tally.bytes += record.bytes or 0
         self.summary.rows += record.rows or 0
         self.summary.bytes += record.bytes or 0
         self._event("window.commit.ok", record, rows=record.rows, bytes=record.bytes)
@@ -588,6 +620,7 @@ class Engine:
                 retryable=decision.retryable,
             )
             self.summary.failed += 1
+            self.tally(record.window.app).failed += 1
             self.summary.failures.append(
                 (record.window.app, record.window.label, decision.reason or str(exc))
             )
@@ -639,6 +672,7 @@ class Engine:
         self.summary.split += 1
         size = max(c.length for c in children)
         self._event("window.split.done", record, children=len(children), size_h=size // HOUR_MS)
+        self.tally(app).planned -= 1  # the children replace it
         self._enqueue(added)
 
     def _planned_size(self, app: str) -> int:
@@ -673,6 +707,7 @@ class Engine:
     async def _presplit(self, record: WindowRecord) -> None:
         """Cut a window planned before its app's size was learned; no API call."""
         children = planner.split(record.window, self._planned_size(record.window.app), tz=self.tz)
+        self.tally(record.window.app).planned -= 1
         self._enqueue(await self.ledger.split(record, children))
 
 

@@ -188,3 +188,22 @@ async def test_the_token_appears_nowhere_even_with_every_fault_on(tmp_path: Path
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert sentinel.encode() not in path.read_bytes(), path
+
+
+async def test_progress_lines_off_a_terminal_count_windows_per_app(tmp_path: Path) -> None:
+    async with simulator_process(sim_settings(latency_base_s=0.3), tmp_path) as (base, _):
+        config = str(write_config(tmp_path, base, history_days=40))
+        code, _, err = await cli(
+            "run", "--config", config, "--log-format", "json", "--progress-interval", "0.3"
+        )
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    progress = [e for e in lines if e["event"] == "run.progress"]
+    assert progress, "periodic progress lines when stderr is not a terminal"
+    last = progress[-1]
+    assert (
+        set(last["windows"]) <= {"small", "medium", "large"}
+        and "eta_s" in last
+        and "processing" in last
+    )
+    assert all("/" in v for v in last["windows"].values())
