@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint test bench fmt clean
+.PHONY: install demo lint test test-crash bench fmt clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,11 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+test-crash: $(STAMP)
+	$(BIN)/pytest -m crash tests/test_crash_sweep.py
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/convert.py
-	$(BIN)/python benchmarks/makespan.py
+	$(BIN)/python benchmarks/bench.py
 
 fmt: $(STAMP)
 	$(BIN)/ruff format backfill tests benchmarks

@@ -7,6 +7,7 @@ variable) and builds sessions, connections and paths for the engine.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import fcntl
@@ -803,6 +804,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     )
     logs.configure(fmt=log_format, level="warning" if quiet or live else "info")
     crashpoints.arm(env.get("BACKFILL_CRASH_AT"))  # the crash tests' seam; unset in real use
+    if counts := env.get("BACKFILL_CRASH_COUNTS"):  # ... and where the sweep learns the steps
+        atexit.register(lambda: Path(counts).write_text(json.dumps(crashpoints.counts())))
     try:
         try:
             return anyio.run(_COMMANDS[args.command], args, env)

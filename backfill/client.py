@@ -156,7 +156,11 @@ class FlurryClient:
         status, headers, raw = await self._call("POST", f"{self.base_url}/rawData", where, body)
         if status == 429:
             self.calls.rate_limited += 1
-        return protocol.parse_submit(status, headers, raw, app=window.app, window=window.label)
+        request_id = protocol.parse_submit(
+            status, headers, raw, app=window.app, window=window.label
+        )
+        crashpoints.hit("client.submit.accepted")  # accepted at Flurry, not yet in the ledger
+        return request_id
 
     async def status(
         self, request_id: str, *, window: Window

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from isal import isal_zlib
 
+from backfill import crashpoints
 from backfill.errors import BadDataError
 
 if TYPE_CHECKING:
@@ -249,6 +250,7 @@ def _blocks(
             raise BadDataError(
                 f"line {line + at} is longer than {limits.max_line_bytes} bytes", **where
             )
+        crashpoints.hit("decode.block")
         yield _Block(block, line, ends)
         line += len(ends)
         if piece is None and not carry.strip():

@@ -33,6 +33,7 @@ from backfill.errors import (
     FatalError,
     RequestTimeoutError,
     RetryableError,
+    StorageError,
     WindowError,
     first_of,
 )
@@ -362,6 +363,7 @@ class Engine:
             self.summary.fatal = str(fatal)
             raise fatal from None
         finally:
+            send.close()
             self.summary.wall_s = self.clock() - began
             self.summary.interrupted = self.stopping
             self.summary.calls = {
@@ -526,7 +528,7 @@ class Engine:
             decision = self.policy.decide(Outcome(kind=kind), progress, self.rng)
             if decision.action is not Action.POLL:
                 raise RequestTimeoutError(
-                    f"not finished after {progress.elapsed_s:.0f} s",
+                    f"the request did not finish within {self.policy.request_timeout_s:g} s",
                     app=record.window.app,
                     window=record.window.label,
                     request_id=record.request_id,
@@ -741,20 +743,23 @@ async def land(ledger: Ledger, writer: Writer, record: WindowRecord, source: Pat
     a crash between them is finished by ``recover``.
     """
     window = record.window
-    manifest = await anyio.to_thread.run_sync(
-        lambda: writer.stage(
-            app=window.app,
-            window_id=record.id,
-            attempt=record.attempt,
-            start_ms=window.start,
-            end_ms=window.end,
-            source=source,
+    try:
+        manifest = await anyio.to_thread.run_sync(
+            lambda: writer.stage(
+                app=window.app,
+                window_id=record.id,
+                attempt=record.attempt,
+                start_ms=window.start,
+                end_ms=window.end,
+                source=source,
+            )
         )
-    )
-    with anyio.CancelScope(shield=True):
-        record = await ledger.advance(record, WindowState.STAGED)
-        path = await anyio.to_thread.run_sync(writer.publish, manifest)
-        record = await _commit(ledger, writer, record, manifest, path)
+        with anyio.CancelScope(shield=True):
+            record = await ledger.advance(record, WindowState.STAGED)
+            path = await anyio.to_thread.run_sync(writer.publish, manifest)
+            record = await _commit(ledger, writer, record, manifest, path)
+    except OSError as exc:  # disk full, permissions: no window can land until it is fixed
+        raise StorageError(f"cannot write under {writer.root}: {exc.strerror or exc}") from exc
     return record
 
 

@@ -6,6 +6,7 @@ The class decides what happens next, never the message text::
     ├── ConfigError                  bad configuration or usage: nothing starts (exit 2)
     ├── FatalError                   stop the whole run
     │   ├── AuthError                the API refused the token (exit 3)
+    │   ├── StorageError             the output cannot be written (disk full): free space, re-run
     │   └── IntegrityError           ledger or output integrity problem (exit 5)
     │       ├── LedgerError          the ledger cannot be opened, migrated or written
     │       └── StaleAttemptError    a compare-and-set lost: another attempt owns the window
@@ -51,6 +52,7 @@ __all__ = [
     "RetryableError",
     "ServerError",
     "StaleAttemptError",
+    "StorageError",
     "TooLargeError",
     "TransportError",
     "WindowError",
@@ -80,6 +82,10 @@ class FatalError(BackfillError):
 
 class AuthError(FatalError):
     """The API refused the token (401)."""
+
+
+class StorageError(FatalError):
+    """The output cannot be written (disk full, permissions); nothing committed is lost."""
 
 
 class IntegrityError(FatalError):

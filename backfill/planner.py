@@ -135,9 +135,13 @@ def split(
 
 
 def horizon_start(now_ms: int, tz: dt.tzinfo = dt.UTC) -> int:
-    """The earliest window start the API accepts, on a local midnight."""
+    """The earliest window start to ask for, on a local midnight: the 2-year horizon less a day.
+
+    The day of margin keeps the oldest window valid when the API's clock runs ahead of ours
+    (or the run crosses midnight): asking a day late loses nothing, a day early fails the window.
+    """
     utc_today = now_ms // DAY_MS * DAY_MS
-    return ceil_midnight(utc_today - HORIZON_DAYS * DAY_MS, tz)
+    return ceil_midnight(utc_today - (HORIZON_DAYS - 1) * DAY_MS, tz)
 
 
 def range_end(now_ms: int, lag_ms: int, tz: dt.tzinfo = dt.UTC) -> int:

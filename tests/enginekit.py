@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.dataset as ds
 
 from backfill.client import FlurryClient, Secret
-from backfill.config import ApiSettings, AppSettings, OutputSettings, Settings, WindowSettings
+from backfill.config import (
+    ApiSettings,
+    AppSettings,
+    LedgerSettings,
+    OutputSettings,
+    Settings,
+    WindowSettings,
+)
 from backfill.engine import Engine
 from backfill.ledger import Ledger
 from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
@@ -47,7 +54,14 @@ def sim_settings(**changes: Any) -> SimulatorSettings:
 
 
 def engine_settings(
-    base_url: str, root: Path, *, history_days: int = 730, fmt: str = "JSON", **api: Any
+    base_url: str,
+    root: Path,
+    *,
+    history_days: int = 730,
+    fmt: str = "JSON",
+    apps: tuple[AppProfile, ...] = APPS,
+    ledger: Path | None = None,
+    **api: Any,
 ) -> Settings:
     api_fields: dict[str, Any] = {
         "base_url": base_url,
@@ -66,7 +80,8 @@ def engine_settings(
         api=ApiSettings(**(api_fields | api)),
         windows=WindowSettings(history_days=history_days, lag_hours=24, lookback_days=3),
         output=OutputSettings(root=root),
-        apps=tuple(AppSettings(name=a.name, api_key=a.api_key) for a in APPS),
+        ledger=LedgerSettings(path=ledger),
+        apps=tuple(AppSettings(name=a.name, api_key=a.api_key) for a in apps),
     )
 
 
@@ -160,17 +175,23 @@ def write_config(
     apps: tuple[AppProfile, ...] = APPS,
 ) -> Path:
     """A real config file for the CLI, its token in $FLURRY_TOKEN."""
+    api = {
+        "base_url": f'"{base}"',
+        "token_env": '"FLURRY_TOKEN"',
+        "max_in_flight": "4",
+        "calls_per_minute": "100000",
+        "poll_initial_s": "0.05",
+        "poll_min_s": "0.02",
+        "poll_max_s": "0.5",
+        "conversions_at_once": "2",
+    }
+    for line in extra_api.splitlines():  # extra lines override the defaults above
+        if "=" in line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            api[key] = value
     lines = [
         "[api]",
-        f'base_url = "{base}"',
-        'token_env = "FLURRY_TOKEN"',
-        "max_in_flight = 4",
-        "calls_per_minute = 100000",
-        "poll_initial_s = 0.05",
-        "poll_min_s = 0.02",
-        "poll_max_s = 0.5",
-        "conversions_at_once = 2",
-        extra_api,
+        *(f"{k} = {v}" for k, v in api.items()),
         "[windows]",
         f"history_days = {history_days}",
         "lag_hours = 24",
@@ -178,8 +199,11 @@ def write_config(
         "[output]",
         f'root = "{work / "out"}"',
     ]
-    for app in apps:
-        lines += ["[[apps]]", f'name = "{app.name}"', f'api_key = "{app.api_key}"']
+    lines += [
+        line
+        for app in apps
+        for line in ("[[apps]]", f'name = "{app.name}"', f'api_key = "{app.api_key}"')
+    ]
     path = work / "backfill.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

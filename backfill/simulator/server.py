@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import math
 import os
 import random
 import re
@@ -105,7 +106,8 @@ class Simulator:
         self.settings = settings
         self.calls: list[CallRecord] = []
         self._clock = clock
-        self._wall_ms = wall_ms
+        skew_ms = int(settings.clock_skew_s * 1000)
+        self._wall_ms: Callable[[], int] = (lambda: wall_ms() + skew_ms) if skew_ms else wall_ms
         self._log = log_path.open("a", encoding="utf-8") if log_path else None
         self._rng = random.Random(settings.fault_seed)
         self._secret = os.urandom(16)
@@ -139,6 +141,9 @@ class Simulator:
         return hmac.compare_digest(given, expected)
 
     def _maybe_5xx(self) -> web.Response | None:
+        if self._roll(self.settings.faults.html_ok):  # a proxy's page where JSON belongs
+            return web.Response(status=200, text=_HTML_5XX.format(code=200, reason="Welcome"),
+                                content_type="text/html")  # fmt: skip
         if not self._roll(self.settings.faults.server_error):
             return None
         code = self._rng.choice((500, 502, 503, 504))
@@ -217,10 +222,13 @@ class Simulator:
             fate = "failure"
         elif self._roll(faults.expired_results):
             fate = "expired"
+        stuck = self._roll(faults.stuck)
         settings = self.settings
         latency = (
             settings.latency_base_s + settings.latency_per_krow_s * rows / 1000
         ) * settings.time_scale
+        if stuck:
+            latency = math.inf  # accepted, and never finished
         request_id = str(self._next_id)
         self._next_id += 1
         self._requests[request_id] = _Request(
@@ -384,6 +392,11 @@ class Simulator:
         status = 200
         headers = {
             "Content-Type": "application/octet-stream",
+            **(
+                {"Content-Encoding": self.settings.content_encoding}
+                if self.settings.content_encoding
+                else {}
+            ),
             "ETag": f'"{hashlib.md5(payload).hexdigest()}"',
             "Accept-Ranges": "bytes",
         }

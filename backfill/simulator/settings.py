@@ -77,6 +77,8 @@ class Faults:
     expired_results: float = 0.0  # a finished request reports "Expired URI..."
     too_large_at_poll: float = 0.0  # a too-large window is accepted, then reported as Failure
     corrupt_download: float = 0.0  # a request's file is served with damaged gzip data
+    stuck: float = 0.0  # a request is accepted and never finishes
+    html_ok: float = 0.0  # an API call answers 200 with an HTML page instead of JSON
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +124,8 @@ class SimulatorSettings:
     too_large_phrasings: tuple[str, ...] = ("canonical",)
     too_large_shape: str = "strings"  # errors as "strings" or "objects" (detail/title)
     slow_chunk_delay_s: float = 0.05
+    clock_skew_s: float = 0.0  # the API's clock runs this far ahead of the machine's
+    content_encoding: str = ""  # e.g. "gzip": a download host that labels the gzip body
     faults: Faults = field(default_factory=Faults)
     fault_seed: int = 7
 

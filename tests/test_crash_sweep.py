@@ -1,0 +1,118 @@
+"""The crash sweep: SIGKILL a real ``backfill run`` at its k-th I/O step, for every k.
+
+The steps are the ``crashpoints`` the code names: each submit (before it is sent, and after
+Flurry accepted it but before the ledger knows), each status poll, each download chunk, each
+decoded block, each Parquet file written and fsynced, the manifest, each publish rename, each
+ledger move and split.  A clean run first counts them; then for every k a fresh run is killed at
+step k and run again to the end, and its output must equal the ground truth, verify must pass,
+and no file may be left over.  Slow (a minute or two): ``make test-crash``, which CI runs too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+from backfill import planner
+from backfill.models import DAY_MS, HOUR_MS
+from backfill.simulator import AppProfile
+from tests.enginekit import ROOT, landed, sim_settings, simulator_process, truth, write_config
+from tests.simkit import TOKEN
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+SMALL = AppProfile(
+    name="small", api_key="SMALL00000000000APP1", sessions_per_day=4, events_per_session=2
+)
+SPLITS = AppProfile(
+    name="large",
+    api_key="LARGE0000000000APP33",
+    sessions_per_day=30,
+    events_per_session=3,
+    too_large_rows=150,
+)
+APPS = (SMALL, SPLITS)
+SERIAL = "max_in_flight = 1\ndownloads_at_once = 1\nconversions_at_once = 1"  # one order of steps
+ENV = os.environ | {"FLURRY_TOKEN": TOKEN}
+
+
+async def _backfill(work: Path, *args: str, env: dict[str, str] | None = None) -> int:
+    done = await anyio.run_process([sys.executable, "-m", "backfill.cli", *args, "--config", str(work / "backfill.toml")],
+                                   cwd=ROOT, env=env or ENV, check=False)  # fmt: skip
+    return done.returncode
+
+
+@pytest.mark.crash
+@pytest.mark.timeout(1800)
+async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path) -> None:
+    sim = sim_settings(apps=APPS)
+    now = int(time.time() * 1000)
+    async with simulator_process(sim, tmp_path) as (base, _):
+        counting = tmp_path / "count"
+        counting.mkdir()
+        write_config(counting, base, history_days=4, extra_api=SERIAL, apps=APPS)
+        counts_file = counting / "counts.json"
+        assert (
+            await _backfill(
+                counting, "run", "--quiet", env=ENV | {"BACKFILL_CRASH_COUNTS": str(counts_file)}
+            )
+            == 0
+        )
+        steps: Counter[str] = Counter(json.loads(counts_file.read_text()))
+        total = sum(steps.values())
+        results: dict[int, str] = {}
+        limiter = anyio.CapacityLimiter(2)
+
+        async def sweep(k: int) -> None:
+            async with limiter:
+                work = tmp_path / f"k{k}"
+                work.mkdir()
+                write_config(work, base, history_days=4, extra_api=SERIAL, apps=APPS)
+                killed = await _backfill(
+                    work, "run", "--quiet", env=ENV | {"BACKFILL_CRASH_AT": str(k)}
+                )
+                finished = await _backfill(work, "run", "--quiet")
+                verified = await _backfill(work, "verify")
+                problems = []
+                if killed != -signal.SIGKILL:
+                    problems.append(f"not killed ({killed})")
+                if finished != 0 or verified != 0:
+                    problems.append(f"rerun {finished}, verify {verified}")
+                problems += [
+                    f"{app.name} differs from the ground truth"
+                    for app in APPS
+                    if landed(work / "out", app.name) != expected[app.name]
+                ]
+                leftovers = [
+                    *(p for p in (work / "out").glob("_staging/**/*") if p.is_file()),
+                    *(work / "out").glob("_downloads/*/*"),
+                ]
+                if leftovers:
+                    problems.append(f"left over: {leftovers[:3]}")
+                results[k] = "; ".join(problems) or "ok"
+
+        end = planner.range_end(now, 24 * HOUR_MS)
+        start = max(planner.floor_midnight(now - 4 * DAY_MS, dt.UTC), planner.horizon_start(now))
+        expected = {app.name: truth(sim, app.name, start, end) for app in APPS}
+        assert all(expected.values()), "the sweep needs rows to land"
+        for app in APPS:
+            assert landed(counting / "out", app.name) == expected[app.name]
+        async with anyio.create_task_group() as group:
+            for k in range(1, total + 1):
+                group.start_soon(sweep, k)
+    bad = {k: r for k, r in results.items() if r != "ok"}
+    print(
+        f"\ncrash sweep: {total} steps ({dict(sorted(steps.items()))}); {total - len(bad)} ended exactly right"
+    )
+    assert len(results) == total and steps["client.download.chunk"] and steps["ledger.split"]
+    assert bad == {}
