@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from backfill.errors import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 __all__ = [
     "ApiSettings",
@@ -162,13 +162,7 @@ def _table(cls: type[Any], table: Any, source: str, prefix: str) -> Any:
     for key, value in table.items():
         dotted = f"{prefix}.{key}"
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = (
-                f"; did you mean {close[0]!r}?"
-                if close
-                else f" (known: {', '.join(sorted(known))})"
-            )
-            raise ConfigError(f"{source}: {dotted}: unknown key{hint}")
+            raise ConfigError(f"{source}: {dotted}: unknown key{_hint(key, known, '{!r}')}")
         values[key] = _typed(source, dotted, value, str(known[key].type))
     try:
         return cls(**values)
@@ -177,6 +171,13 @@ def _table(cls: type[Any], table: Any, source: str, prefix: str) -> Any:
         raise _fail(
             source, f"{prefix}.{missing[0]}" if missing else prefix, _MISSING, "a value"
         ) from exc
+
+
+def _hint(name: str, known: Iterable[str], shape: str) -> str:
+    """``; did you mean 'x'?`` for a near miss, else the list of what is known."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {shape.format(close[0])}?" if close else f" (known: {', '.join(names)})"
 
 
 def _required(f: Any) -> bool:
@@ -194,13 +195,7 @@ def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
     sections = {"api", "windows", "output", "ledger", "apps", "simulator"}
     for key in document:
         if key not in sections:
-            close = difflib.get_close_matches(key, sections, n=1)
-            hint = (
-                f"; did you mean [{close[0]}]?"
-                if close
-                else f" (known: {', '.join(sorted(sections))})"
-            )
-            raise ConfigError(f"{source}: [{key}]: unknown table{hint}")
+            raise ConfigError(f"{source}: [{key}]: unknown table{_hint(key, sections, '[{}]')}")
     api: ApiSettings = _table(ApiSettings, document.get("api", {}), source, "api")
     windows: WindowSettings = _table(WindowSettings, document.get("windows", {}), source, "windows")
     output: OutputSettings = _table(OutputSettings, document.get("output", {}), source, "output")
