@@ -114,7 +114,10 @@ async def test_sigint_drains_exits_130_and_the_next_run_resumes(tmp_path: Path) 
         config = str(write_config(tmp_path, base, history_days=30))
         command = [sys.executable, "-m", "backfill.cli", "run", "--config", config, "--quiet"]
         async with await anyio.open_process(command, cwd=ROOT, env=ENV) as process:
-            await anyio.sleep(2.0)
+            with anyio.fail_after(60):  # however slow the machine: interrupt once requests are out
+                while not any(c["kind"] == "submit" and c["status"] == 200 for c in _calls(calls)):  # noqa: ASYNC110 - another process writes it
+                    await anyio.sleep(0.1)
+            await anyio.sleep(0.5)  # their ids reach the ledger; each takes 3 s at Flurry
             process.send_signal(signal.SIGINT)
             with anyio.fail_after(30):
                 assert await process.wait() == 130
@@ -145,8 +148,15 @@ async def test_a_second_run_on_the_same_ledger_refuses_clearly(tmp_path: Path) -
     async with simulator_process(sim_settings(latency_base_s=2.0), tmp_path) as (base, _):
         config = str(write_config(tmp_path, base, history_days=30))
         command = [sys.executable, "-m", "backfill.cli", "run", "--config", config, "--quiet"]
+        lock = anyio.Path(tmp_path / "out" / "_ledger.sqlite.lock")
+
+        async def held() -> bool:
+            return await lock.exists() and bool((await lock.read_text()).strip())
+
         async with await anyio.open_process(command, cwd=ROOT, env=ENV) as first:
-            await anyio.sleep(1.5)
+            with anyio.fail_after(60):  # wait until the first run holds the ledger
+                while not await held():  # noqa: ASYNC110 - another process writes it
+                    await anyio.sleep(0.1)
             code, _, err = await cli("run", "--config", config, "--quiet")
             first.send_signal(signal.SIGKILL)
             await first.wait()
