@@ -385,16 +385,15 @@ async def _progress(engine: Engine, interval: float) -> None:
     while True:
         await anyio.sleep(interval)
         apps = {name: f"{t.committed}/{t.planned}" for name, t in sorted(engine.tallies.items())}
-        total = sum(t.planned for t in engine.tallies.values())
-        done = sum(t.committed + t.failed for t in engine.tallies.values())
+        totals = engine.totals()
         log.info(
             "run.progress",
             windows=apps,
-            failed=engine.summary.failed,
-            rows=engine.summary.rows,
-            bytes=engine.summary.bytes,
+            failed=totals.failed,
+            rows=totals.rows,
+            bytes=totals.bytes,
             processing=engine.processing,
-            eta_s=_eta(time.monotonic() - began, done, total),
+            eta_s=_eta(time.monotonic() - began, totals.committed + totals.failed, totals.planned),
         )
 
 

@@ -365,6 +365,9 @@ class Engine:
         finally:
             send.close()
             self.summary.wall_s = self.clock() - began
+            totals = self.totals()
+            self.summary.committed, self.summary.failed = totals.committed, totals.failed
+            self.summary.rows, self.summary.bytes = totals.rows, totals.bytes
             self.summary.interrupted = self.stopping
             self.summary.calls = {
                 k: getattr(self.api.calls, k)
@@ -382,6 +385,17 @@ class Engine:
                     self._outstanding -= 1
                     if self._outstanding == 0 and self._send is not None:
                         self._send.close()
+
+    def totals(self) -> AppTally:
+        """The tallies of every app added up."""
+        t = list(self.tallies.values())
+        return AppTally(
+            planned=sum(x.planned for x in t),
+            committed=sum(x.committed for x in t),
+            failed=sum(x.failed for x in t),
+            rows=sum(x.rows for x in t),
+            bytes=sum(x.bytes for x in t),
+        )
 
     def tally(self, app: str) -> AppTally:
         """This run's counts for ``app`` (the progress display reads them)."""
@@ -591,13 +605,10 @@ class Engine:
         async with self._conversions:
             record = await land(self.ledger, self.writer, record, source)
         source.unlink(missing_ok=True)
-        self.summary.committed += 1
         tally = self.tally(record.window.app)
         tally.committed += 1
         tally.rows += record.rows or 0
         tally.bytes += record.bytes or 0
-        self.summary.rows += record.rows or 0
-        self.summary.bytes += record.bytes or 0
         self._event("window.commit.ok", record, rows=record.rows, bytes=record.bytes)
         return record
 
@@ -621,7 +632,6 @@ class Engine:
                 error_message=decision.reason or str(exc),
                 retryable=decision.retryable,
             )
-            self.summary.failed += 1
             self.tally(record.window.app).failed += 1
             self.summary.failures.append(
                 (record.window.app, record.window.label, decision.reason or str(exc))
