@@ -542,7 +542,7 @@ async def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     import zoneinfo
 
     from backfill import planner
-    from backfill.models import DAY_MS, HOUR_MS, iso
+    from backfill.models import iso
 
     settings = _load(args, env)
     apps = _chosen(settings, args.app)
@@ -553,15 +553,8 @@ async def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     tz = zoneinfo.ZoneInfo(settings.windows.timezone)
     w = settings.windows
     now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
-    full_start = max(
-        planner.floor_midnight(now - w.history_days * DAY_MS, tz), planner.horizon_start(now, tz)
-    )
-    start = max(
-        args.start if args.start is not None else full_start, planner.horizon_start(now, tz)
-    )
-    end = min(
-        args.end if args.end is not None else planner.range_end(now, w.lag_hours * HOUR_MS, tz),
-        planner.range_end(now, w.lag_hours * HOUR_MS, tz),
+    start, end, _ = planner.clamp(
+        now, args.start, args.end, history_days=w.history_days, lag_hours=w.lag_hours, tz=tz
     )
     rows: list[dict[str, str]] = []
     exists = settings.ledger_path.exists()
@@ -575,7 +568,7 @@ async def _plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 if r.state.value != "SPLIT" and r.window.end > start and r.window.start < end
             ]
             learned = await ledger.learned_size(app.name) if ledger else None
-            size = min(learned or w.max_days * DAY_MS, w.max_days * DAY_MS)
+            size = planner.planned_size(w.max_days, learned)
             items = [(r.window.start, r.window.end, r.state.value) for r in live]
             for lo, hi in planner.gaps([(r.window.start, r.window.end) for r in live], start, end):
                 items += [

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backfill.errors import ConfigError
+from backfill.planner import HORIZON_DAYS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 _API_KEY = re.compile(r"[A-Z0-9]{20}")
-_MAX_HISTORY_DAYS = 730
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +68,7 @@ class ApiSettings:
 class WindowSettings:
     max_days: int = 30
     timezone: str = "UTC"
-    history_days: int = 730
+    history_days: int = HORIZON_DAYS
     lag_hours: int = 24
     lookback_days: int = 3
 
@@ -247,14 +247,14 @@ def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
             windows.timezone,
             "an IANA zone such as UTC or Europe/Berlin",
         ) from exc
-    if windows.history_days > _MAX_HISTORY_DAYS:
+    if windows.history_days > HORIZON_DAYS:
         warnings.append(
             f"{source}: windows.history_days = {windows.history_days}: the API serves only "
-            f"the last 2 years; clamped to {_MAX_HISTORY_DAYS}"
+            f"the last 2 years; clamped to {HORIZON_DAYS}"
         )
         windows = WindowSettings(
             **{f.name: getattr(windows, f.name) for f in fields(windows)}
-            | {"history_days": _MAX_HISTORY_DAYS}
+            | {"history_days": HORIZON_DAYS}
         )
     if output.on_bad_rows not in ("fail", "quarantine"):
         raise _fail(source, "output.on_bad_rows", output.on_bad_rows, '"fail" or "quarantine"')

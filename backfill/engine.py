@@ -238,29 +238,22 @@ class Engine:
 
     def full_range(self) -> tuple[int, int]:
         """``[today - history, today - lag)``, clamped to the API's 2-year horizon."""
-        now = self.now_ms()
         w = self.settings.windows
-        start = planner.floor_midnight(now - w.history_days * DAY_MS, self.tz)
-        start = max(start, planner.horizon_start(now, self.tz))
-        return start, planner.range_end(now, w.lag_hours * HOUR_MS, self.tz)
+        return planner.full_range(
+            self.now_ms(), history_days=w.history_days, lag_hours=w.lag_hours, tz=self.tz
+        )
 
     def clamp(self, start: int | None, end: int | None) -> tuple[int, int, list[str]]:
         """A requested range made valid: defaults filled in, the horizon and the lag applied."""
-        full_start, full_end = self.full_range()
-        notes = []
-        lo = full_start if start is None else start
-        hi = full_end if end is None else end
-        horizon = planner.horizon_start(self.now_ms(), self.tz)
-        if lo < horizon:
-            notes.append("the start is older than the API's 2-year horizon: clamped to it")
-            lo = horizon
-        if hi > full_end:
-            notes.append(
-                f"the end is newer than now minus the {self.settings.windows.lag_hours} h "
-                "lag: clamped"
-            )
-            hi = full_end
-        return lo, max(lo, hi), notes
+        w = self.settings.windows
+        return planner.clamp(
+            self.now_ms(),
+            start,
+            end,
+            history_days=w.history_days,
+            lag_hours=w.lag_hours,
+            tz=self.tz,
+        )
 
     async def plan(self, apps: Iterable[AppSettings], start: int, end: int) -> int:
         """Put the windows of ``[start, end)`` for ``apps`` in the ledger; returns the new count."""

@@ -27,12 +27,15 @@ __all__ = [
     "LADDER",
     "Coverage",
     "ceil_midnight",
+    "clamp",
     "floor_midnight",
+    "full_range",
     "gaps",
     "horizon_start",
     "incremental_start",
     "next_size",
     "normal_size",
+    "planned_size",
     "plan",
     "range_end",
     "split",
@@ -147,6 +150,47 @@ def horizon_start(now_ms: int, tz: dt.tzinfo = dt.UTC) -> int:
 def range_end(now_ms: int, lag_ms: int, tz: dt.tzinfo = dt.UTC) -> int:
     """The end of the newest window allowed: the local midnight at or before ``now - lag``."""
     return floor_midnight(now_ms - lag_ms, tz)
+
+
+def full_range(
+    now_ms: int, *, history_days: int, lag_hours: int, tz: dt.tzinfo = dt.UTC
+) -> tuple[int, int]:
+    """``[today - history, today - lag)`` on local midnights, clamped to the 2-year horizon."""
+    start = floor_midnight(now_ms - history_days * DAY_MS, tz)
+    start = max(start, horizon_start(now_ms, tz))
+    return start, range_end(now_ms, lag_hours * HOUR_MS, tz)
+
+
+def clamp(
+    now_ms: int,
+    start: int | None,
+    end: int | None,
+    *,
+    history_days: int,
+    lag_hours: int,
+    tz: dt.tzinfo = dt.UTC,
+) -> tuple[int, int, list[str]]:
+    """A requested range made valid: defaults filled in, the horizon and the lag applied.
+
+    Returns ``(start, end, notes)``; each note says what was clamped, for a warning.
+    """
+    full_start, full_end = full_range(now_ms, history_days=history_days, lag_hours=lag_hours, tz=tz)
+    notes = []
+    lo = full_start if start is None else start
+    hi = full_end if end is None else end
+    if lo < (horizon := horizon_start(now_ms, tz)):
+        notes.append("the start is older than the API's 2-year horizon: clamped to it")
+        lo = horizon
+    if hi > full_end:
+        notes.append(f"the end is newer than now minus the {lag_hours} h lag: clamped")
+        hi = full_end
+    return lo, max(lo, hi), notes
+
+
+def planned_size(max_days: int, learned_ms: int | None) -> int:
+    """The size new windows of an app are planned at: the configured maximum or the learned."""
+    limit = max_days * DAY_MS
+    return limit if learned_ms is None else min(learned_ms, limit)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
