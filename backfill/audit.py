@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from backfill.ledger import Ledger
-    from backfill.writer import Writer
+    from backfill.ports import LedgerPort, StorePort
 
 __all__ = ["AppStatus", "status", "verify"]
 
@@ -84,7 +84,7 @@ async def status(ledger: Ledger, apps: Iterable[str]) -> list[AppStatus]:
     return out
 
 
-async def verify(ledger: Ledger, writer: Writer) -> list[str]:
+async def verify(ledger: LedgerPort, writer: StorePort) -> list[str]:
     """Every problem found: files against manifests, orphans, and windows that do not tile."""
     records = await ledger.windows()
     problems: list[str] = []

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from backfill.errors import ConfigError
 from backfill.planner import HORIZON_DAYS
+from backfill.policy import Policy
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -105,6 +106,19 @@ class Settings:
     @property
     def ledger_path(self) -> Path:
         return self.ledger.path or self.output.root / "_ledger.sqlite"
+
+    @property
+    def policy(self) -> Policy:
+        a = self.api
+        return Policy(
+            poll_initial_s=a.poll_initial_s,
+            poll_min_s=a.poll_min_s,
+            poll_max_s=a.poll_max_s,
+            request_timeout_s=a.request_timeout_s,
+            max_attempts=a.max_attempts,
+            backoff_base_s=a.backoff_base_s,
+            backoff_cap_s=a.backoff_cap_s,
+        )
 
     def app(self, name: str) -> AppSettings:
         for app in self.apps:

@@ -9,7 +9,8 @@ The class decides what happens next, never the message text::
     │   ├── StorageError             the output cannot be written (disk full): free space, re-run
     │   └── IntegrityError           ledger or output integrity problem (exit 5)
     │       ├── LedgerError          the ledger cannot be opened, migrated or written
-    │       └── StaleAttemptError    a compare-and-set lost: another attempt owns the window
+    │       ├── StaleAttemptError    a compare-and-set lost: another attempt owns the window
+    │       └── IllegalTransitionError  a move the transition table forbids (a bug)
     └── WindowError                  concerns one window; carries app, window and request id
         ├── RetryableError           try the same step again after a backoff
         │   ├── TransportError       connection refused, reset, timed out
@@ -40,6 +41,7 @@ __all__ = [
     "CannotSplitError",
     "ConfigError",
     "FatalError",
+    "IllegalTransitionError",
     "IntegrityError",
     "LedgerError",
     "LinkExpiredError",
@@ -98,6 +100,10 @@ class LedgerError(IntegrityError):
 
 class StaleAttemptError(IntegrityError):
     """A compare-and-set on (window, attempt) found another state: this worker is stale."""
+
+
+class IllegalTransitionError(IntegrityError, ValueError):
+    """A move that ``models.TRANSITIONS`` does not allow: a bug, never an API condition."""
 
 
 class WindowError(BackfillError):

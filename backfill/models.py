@@ -17,15 +17,14 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
+from backfill.errors import IllegalTransitionError
+
 __all__ = [
     "DAY_MS",
     "HOUR_MS",
     "TRANSITIONS",
     "UNFINISHED",
     "WEEK_MS",
-    "IllegalTransitionError",
-    "Outcome",
-    "OutcomeKind",
     "Window",
     "WindowRecord",
     "WindowState",
@@ -64,10 +63,6 @@ TRANSITIONS: dict[WindowState, frozenset[WindowState]] = {
 }
 
 
-class IllegalTransitionError(ValueError):
-    """A move that ``TRANSITIONS`` does not allow (a bug, never an API condition)."""
-
-
 def advance(current: WindowState, target: WindowState) -> WindowState:
     """Return ``target`` if ``current → target`` is a legal edge; raise otherwise."""
     if target not in TRANSITIONS[current]:
@@ -102,36 +97,6 @@ class Window:
     def label(self) -> str:
         """``2026-01-01T00:00:00Z/2026-01-31T00:00:00Z``: how logs and errors name it."""
         return f"{iso(self.start)}/{iso(self.end)}"
-
-
-class OutcomeKind(StrEnum):
-    """What one step of a window's request came back with."""
-
-    ACCEPTED = "accepted"
-    PROCESSING = "processing"
-    READY = "ready"
-    FAILED = "failed"
-    TOO_LARGE = "too_large"
-    RATE_LIMITED = "rate_limited"
-    SERVER_ERROR = "server_error"
-    TRANSPORT_ERROR = "transport_error"
-    LINK_EXPIRED = "link_expired"
-    RESULTS_EXPIRED = "results_expired"
-    UNAUTHORIZED = "unauthorized"
-    REJECTED = "rejected"
-    BAD_DATA = "bad_data"
-    TIMED_OUT = "timed_out"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
-    """An outcome and the facts the policy needs to decide on it."""
-
-    kind: OutcomeKind
-    retry_after_s: float | None = None
-    refill_per_minute: float | None = None
-    suggested_ms: int | None = None
-    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

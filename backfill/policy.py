@@ -1,10 +1,9 @@
-"""Pure policy: what to do after each outcome, and when to poll.
+"""Pure policy: the lifecycle's numbers (backoff, poll schedule, resubmit limits).
 
-Theory of operation.  The engine reports each step's ``Outcome`` with the window's ``Progress``
-(attempt, retries of the current step, polls, resubmits, Failures seen, elapsed time); the
-policy answers with one ``Decision``: poll after *t*, retry the same step after *t*, submit
-again, download, split, fail the window (retryable or not), or stop the run.  Randomness (jitter)
-comes from an injected ``random.Random``; nothing here sleeps or reads a clock.
+Theory of operation.  ``lifecycle.decide`` says what follows each outcome; the numbers it needs
+come from here.  Randomness (jitter) comes from an injected ``random.Random``; nothing here
+sleeps or reads a clock.  The field names are the ``[api]`` keys of the config, which parses
+them straight into a ``Policy``.
 
 Backoff is "full jitter" (uniform in ``[0, min(cap, base * 2**n)]``), never shorter than a
 ``Retry-After`` or one credit of ``X-RateLimit-RefillPerMinute``.  ``Failure`` is submitted
@@ -25,62 +24,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING
-
-from backfill import errors
-from backfill.models import Outcome, OutcomeKind
 
 if TYPE_CHECKING:
     import random
 
-__all__ = ["Action", "Decision", "Estimator", "Policy", "Progress", "outcome_for"]
+    from backfill.lifecycle import Progress
 
-
-class Action(StrEnum):
-    POLL = "poll"  # ask the status again after delay_s
-    RETRY = "retry"  # repeat the step that failed after delay_s
-    SUBMIT = "submit"  # submit the window again (a new request) after delay_s
-    DOWNLOAD = "download"  # fetch the link now
-    SPLIT = "split"  # replace the window by children of split_ms (None: the next size down)
-    FAIL = "fail"  # mark the window FAILED
-    STOP = "stop"  # stop the run
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Decision:
-    action: Action
-    delay_s: float = 0.0
-    split_ms: int | None = None
-    retryable: bool = False
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Progress:
-    """How far one window's current attempt has come."""
-
-    step_retries: int = 0  # consecutive retries of the current step
-    polls: int = 0  # status polls of the current request
-    resubmits: int = 0  # new requests for this window after the first
-    failures: int = 0  # Failure statuses seen for this window, this one included
-    elapsed_s: float = 0.0  # since the current request was accepted
-    expected_s: float | None = None  # the engine's estimate of this request's processing time
+__all__ = ["Estimator", "Policy"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
-    """The tunables; the defaults follow flurry-api.md section 6."""
+    """The tunables, as the ``[api]`` table names them; the defaults follow Flurry's advice."""
 
-    backoff_base_s: float = 1.0
-    backoff_cap_s: float = 300.0
-    max_step_retries: int = 8
-    failure_resubmits: int = 1
-    max_resubmits: int = 3
-    request_timeout_s: float = 6 * 3600.0
     poll_initial_s: float = 30.0
     poll_min_s: float = 1.0
     poll_max_s: float = 300.0
+    request_timeout_s: float = 6 * 3600.0
+    max_attempts: int = 8  # retries of one step (5xx, 429, connection) before the window fails
+    backoff_base_s: float = 1.0  # full-jitter backoff: uniform in [0, base * 2**retries] ...
+    backoff_cap_s: float = 300.0  # ... never above this
+    failure_resubmits: int = 1  # Flurry's Failure is submitted again this many times
+    max_resubmits: int = 3  # new requests after an overdue or expired one
     poll_growth: float = 1.25
     poll_fine: float = 0.05  # past the estimate, poll every 5% of it
 
@@ -111,58 +77,6 @@ class Policy:
         linear = max(0.0, processing_s - capped_from) / self.poll_max_s
         return 1 + math.ceil(geometric / math.log(self.poll_growth) + linear)
 
-    def decide(self, outcome: Outcome, progress: Progress, rng: random.Random) -> Decision:
-        """What to do next; pure apart from drawing jitter from ``rng``."""
-        kind = outcome.kind
-        if kind is OutcomeKind.UNAUTHORIZED:
-            return Decision(action=Action.STOP, reason="the API refused the token (401)")
-        if kind is OutcomeKind.REJECTED:
-            return Decision(
-                action=Action.FAIL, reason=outcome.detail or "the API rejected the window"
-            )
-        if kind is OutcomeKind.BAD_DATA:
-            return Decision(action=Action.FAIL, reason=outcome.detail or "the download is unusable")
-        if kind is OutcomeKind.TOO_LARGE:
-            return Decision(
-                action=Action.SPLIT, split_ms=outcome.suggested_ms, reason=outcome.detail
-            )
-        if kind is OutcomeKind.READY:
-            return Decision(action=Action.DOWNLOAD)
-        if kind in (OutcomeKind.ACCEPTED, OutcomeKind.PROCESSING):
-            if progress.elapsed_s >= self.request_timeout_s:
-                return self._resubmit(progress, rng, "the request did not finish in time")
-            return Decision(action=Action.POLL, delay_s=self.poll_delay(progress))
-        if kind is OutcomeKind.FAILED:
-            if progress.failures > self.failure_resubmits:
-                reason = f"Flurry reported Failure {progress.failures} times; escalate to Flurry"
-                return Decision(action=Action.FAIL, retryable=True, reason=reason)
-            delay = self.backoff(progress.resubmits, rng)
-            return Decision(action=Action.SUBMIT, delay_s=delay, reason="Flurry reported Failure")
-        if kind in (OutcomeKind.RESULTS_EXPIRED, OutcomeKind.TIMED_OUT):
-            return self._resubmit(progress, rng, outcome.detail or str(kind))
-        return self._retry(outcome, progress, rng)
-
-    def _resubmit(self, progress: Progress, rng: random.Random, reason: str) -> Decision:
-        if progress.resubmits >= self.max_resubmits:
-            reason = f"{reason}; gave up after {progress.resubmits} resubmits"
-            return Decision(action=Action.FAIL, retryable=True, reason=reason)
-        return Decision(
-            action=Action.SUBMIT, delay_s=self.backoff(progress.resubmits, rng), reason=reason
-        )
-
-    def _retry(self, outcome: Outcome, progress: Progress, rng: random.Random) -> Decision:
-        # RATE_LIMITED, SERVER_ERROR, TRANSPORT_ERROR, LINK_EXPIRED
-        if progress.step_retries >= self.max_step_retries:
-            reason = f"{outcome.kind} {progress.step_retries + 1} times in a row: {outcome.detail}"
-            return Decision(action=Action.FAIL, retryable=True, reason=reason)
-        if outcome.kind is OutcomeKind.LINK_EXPIRED:
-            return Decision(action=Action.POLL, reason="the download link expired")
-        floor = outcome.retry_after_s or 0.0
-        if outcome.refill_per_minute:
-            floor = max(floor, 60.0 / outcome.refill_per_minute)
-        delay = self.backoff(progress.step_retries, rng, at_least=floor)
-        return Decision(action=Action.RETRY, delay_s=delay, reason=str(outcome.kind))
-
 
 @dataclass(slots=True)
 class Estimator:
@@ -184,32 +98,3 @@ class Estimator:
         sample = pending_s if pending_s > 0 else 0.9 * ready_s
         old = self._seconds.get(key)
         self._seconds[key] = sample if old is None else old + self.alpha * (sample - old)
-
-
-_KINDS: tuple[tuple[type[errors.BackfillError], OutcomeKind], ...] = (
-    (errors.AuthError, OutcomeKind.UNAUTHORIZED),
-    (errors.RateLimitedError, OutcomeKind.RATE_LIMITED),
-    (errors.LinkExpiredError, OutcomeKind.LINK_EXPIRED),
-    (errors.TransportError, OutcomeKind.TRANSPORT_ERROR),
-    (errors.RetryableError, OutcomeKind.SERVER_ERROR),
-    (errors.RequestFailedError, OutcomeKind.FAILED),
-    (errors.RequestTimeoutError, OutcomeKind.TIMED_OUT),
-    (errors.ResubmitError, OutcomeKind.RESULTS_EXPIRED),
-    (errors.TooLargeError, OutcomeKind.TOO_LARGE),
-    (errors.BadDataError, OutcomeKind.BAD_DATA),
-    (errors.WindowFailedError, OutcomeKind.REJECTED),
-)
-
-
-def outcome_for(error: errors.BackfillError) -> Outcome:
-    """The outcome an error stands for, decided by its class (never its message)."""
-    kind = next((k for cls, k in _KINDS if isinstance(error, cls)), None)
-    if kind is None:
-        raise TypeError(f"{type(error).__name__} is not a window outcome")
-    return Outcome(
-        kind=kind,
-        retry_after_s=getattr(error, "retry_after_s", None),
-        refill_per_minute=getattr(error, "refill_per_minute", None),
-        suggested_ms=getattr(error, "suggested_ms", None),
-        detail=str(error),
-    )

@@ -300,6 +300,11 @@ class Writer:
     def load_manifest(self, path: Path) -> Manifest:
         return Manifest.from_json(path.read_bytes())
 
+    def load(self, app: str, window_id: int, attempt: int) -> Manifest | None:
+        """The manifest of that attempt, if it was published."""
+        path = self.manifest_path(app, window_id, attempt)
+        return self.load_manifest(path) if path.exists() else None
+
     def manifests(self) -> list[Path]:
         """Every manifest under ``_manifests/``."""
         if not self.manifests_dir.exists():

@@ -60,7 +60,7 @@ async def test_every_fault_at_once_still_lands_exactly_the_truth_and_retry_finis
             start, end, _ = run.clamp(None, None)
             await run.plan(settings.apps, start, end)
             first = await run.run(settings.apps)
-            failed = await run.ledger.failed()
+            failed = await run.ledger.windows(states=[S.FAILED])
     assert all(r.error_message and r.error_class for r in failed), "a FAILED window says why"
     assert first.calls["resumed"] > 0 and first.calls["rate_limited"] > 0
     for app in APPS:  # whatever is committed is exact; nothing is silently missing

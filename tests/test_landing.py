@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from backfill.engine import land, recover
+from backfill.commit import land, recover
 from backfill.ledger import Ledger
 from backfill.models import WindowRecord, WindowState
 from backfill.simulator import ground_truth
@@ -35,7 +35,7 @@ _CHILD = textwrap.dedent(
     import sys, anyio
     from pathlib import Path
     from backfill import crashpoints
-    from backfill.engine import land
+    from backfill.commit import land
     from backfill.ledger import Ledger
     from backfill.writer import Writer
 

@@ -12,12 +12,11 @@ import anyio
 import pytest
 
 from backfill import planner
-from backfill.errors import LedgerError, StaleAttemptError
+from backfill.errors import IllegalTransitionError, LedgerError, StaleAttemptError
 from backfill.ledger import Ledger
 from backfill.models import (
     DAY_MS,
     WEEK_MS,
-    IllegalTransitionError,
     Window,
     WindowRecord,
     WindowState,

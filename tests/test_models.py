@@ -8,9 +8,9 @@ import itertools
 import pytest
 
 from backfill import errors
+from backfill.errors import IllegalTransitionError
 from backfill.models import (
     TRANSITIONS,
-    IllegalTransitionError,
     Window,
     WindowState,
     advance,

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from backfill import audit
-from backfill.engine import land
+from backfill.commit import land
 from backfill.errors import StaleAttemptError, StorageError
 from backfill.models import WindowState
 from backfill.simulator import Faults

@@ -1,0 +1,137 @@
+"""The engine's seams: what it needs of the API, the ledger and the output store.
+
+Theory of operation.  The engine, its worker and the commit protocol see only these
+``Protocol``s; the command line builds the adapters (``client.FlurryClient``, ``ledger.Ledger``
+on SQLite, ``store.LocalStore`` on a local folder) and injects them.  Tests inject in-memory
+fakes the same way, as httpx tests inject a ``MockTransport``.  A PostgreSQL ledger or an
+object store is one more adapter beside these, with no change to the engine.
+
+The ledger stores windows and applies moves as compare-and-set on ``(id, attempt, state)``;
+it never decides them (``lifecycle`` does).  The store's calls block (file I/O, Parquet); the
+engine runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, TypedDict
+
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Iterable, Sequence
+    from pathlib import Path
+    from typing import Unpack
+
+    from backfill.models import Window, WindowRecord, WindowState
+    from backfill.protocol import Processing, Ready
+    from backfill.writer import Manifest
+
+__all__ = ["Api", "ApiCounts", "Changes", "LedgerPort", "StorePort"]
+
+
+class ApiCounts(Protocol):
+    """The calls an API adapter made, by kind (the run summary prints them)."""
+
+    submit: int
+    status: int
+    download: int
+    rate_limited: int
+    resumed: int
+
+
+class Api(Protocol):
+    """What the engine needs of the Flurry API (``client.FlurryClient`` in production)."""
+
+    @property
+    def calls(self) -> ApiCounts: ...
+
+    async def submit(
+        self,
+        window: Window,
+        *,
+        api_key: str,
+        output_format: str = ...,
+        app_versions: tuple[str, ...] = ...,
+        event_ids: tuple[str, ...] = ...,
+    ) -> str: ...
+
+    async def status(self, request_id: str, *, window: Window) -> Processing | Ready: ...
+
+    async def download(self, url: str, target: Path, *, window: Window, request_id: str) -> int: ...
+
+
+class Changes(TypedDict, total=False):
+    """The columns a move may set beside the state (checked by mypy, not at run time)."""
+
+    request_id: str | None
+    submitted_at: int | None
+    ready_at: int | None
+    error_class: str | None
+    error_message: str | None
+    retryable: bool | None
+    rows: int | None
+    bytes: int | None
+    manifest: str | None
+
+
+class LedgerPort(Protocol):
+    """What the engine needs of the ledger (``ledger.Ledger`` on SQLite in production)."""
+
+    async def windows(
+        self, *, apps: Iterable[str] | None = None, states: Iterable[WindowState] | None = None
+    ) -> list[WindowRecord]: ...
+
+    async def add_windows(
+        self, app: str, start: int, end: int, *, size_ms: int, tz: dt.tzinfo = ...
+    ) -> list[WindowRecord]: ...
+
+    async def advance(
+        self, record: WindowRecord, target: WindowState, **changes: Unpack[Changes]
+    ) -> WindowRecord: ...
+
+    async def retry(self, record: WindowRecord, **changes: Unpack[Changes]) -> WindowRecord: ...
+
+    async def split(
+        self, record: WindowRecord, children: Sequence[Window]
+    ) -> list[WindowRecord]: ...
+
+    async def learned_size(self, app: str) -> int | None: ...
+
+    async def learn_size(self, app: str, size_ms: int) -> None: ...
+
+    async def watermark(self, app: str) -> int | None: ...
+
+
+class StorePort(Protocol):
+    """What the engine needs of the output store (``store.LocalStore`` in production).
+
+    Every call blocks; the engine runs them in worker threads.
+    """
+
+    @property
+    def root(self) -> Path: ...
+
+    def download_path(self, app: str, window_id: int, attempt: int) -> Path: ...
+
+    def stage(
+        self, *, app: str, window_id: int, attempt: int, start_ms: int, end_ms: int, source: Path
+    ) -> Manifest: ...
+
+    def publish(self, manifest: Manifest) -> Path: ...
+
+    def finish(self, manifest: Manifest) -> bool: ...
+
+    def remove(self, manifest: Manifest) -> None: ...
+
+    def load(self, app: str, window_id: int, attempt: int) -> Manifest | None: ...
+
+    def manifest_path(self, app: str, window_id: int, attempt: int) -> Path: ...
+
+    def check_manifest(self, path: Path, rows: int | None) -> list[str]: ...
+
+    def orphans(self, live: set[tuple[int, int]]) -> list[str]: ...
+
+    def discard_staging(self) -> None: ...
+
+    def sweep(self, live: set[tuple[int, int]]) -> list[Path]: ...
+
+    def sweep_downloads(self, keep: set[tuple[int, int]]) -> int: ...
