@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
-from backfill.models import WindowState, iso
+from backfill.models import UNFINISHED, WindowState, iso
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from backfill.ledger import Ledger
     from backfill.ports import LedgerPort, StorePort
 
-__all__ = ["AppStatus", "status", "verify"]
+__all__ = ["AppStatus", "outcome_of_range", "status", "verify"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,3 +110,24 @@ async def verify(ledger: LedgerPort, writer: StorePort) -> list[str]:
                     f"{app}: windows overlap: {iso(a0)}/{iso(a1)} and {iso(b0)}/{iso(b1)}"
                 )
     return problems
+
+
+async def outcome_of_range(
+    ledger: LedgerPort, apps: Iterable[str], start: int | None = None, end: int | None = None
+) -> Literal["done", "failed", "retryable", "unfinished"]:
+    """How the windows of ``apps`` (in ``[start, end)`` if given) stand after a run."""
+    records = await ledger.windows(apps=list(apps))
+    live = [
+        r
+        for r in records
+        if r.state is not WindowState.SPLIT
+        and (start is None or r.window.end > start)
+        and (end is None or r.window.start < end)
+    ]
+    if any(r.state is WindowState.FAILED and not r.retryable for r in live):
+        return "failed"
+    if any(r.state is WindowState.FAILED for r in live):
+        return "retryable"
+    if any(r.state in UNFINISHED for r in live):
+        return "unfinished"
+    return "done"

@@ -339,8 +339,9 @@ async def _drive(
     interval: float = 10.0,
 ) -> int:
     """Open everything, run ``prepare`` (planning), run the engine under signals, summarise."""
+    from backfill.audit import outcome_of_range
     from backfill.client import FlurryClient, Secret, Timeouts
-    from backfill.engine import Engine, outcome_of_range
+    from backfill.engine import Engine
     from backfill.writer import Writer
 
     config.check_writable(settings)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 import zoneinfo
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from backfill.models import WindowRecord
     from backfill.ports import Api, LedgerPort, StorePort
 
-__all__ = ["AppTally", "Engine", "Summary", "outcome_of_range"]
+__all__ = ["AppTally", "Engine", "Summary"]
 
 S = WindowState
 
@@ -235,24 +235,3 @@ def log_recovery(recovery: commit.Recovery) -> None:
         requeued=len(recovery.requeued),
         swept=recovery.swept,
     )
-
-
-async def outcome_of_range(
-    ledger: LedgerPort, apps: Iterable[str], start: int | None = None, end: int | None = None
-) -> Literal["done", "failed", "retryable", "unfinished"]:
-    """How the windows of ``apps`` (in ``[start, end)`` if given) stand after a run."""
-    records = await ledger.windows(apps=list(apps))
-    live = [
-        r
-        for r in records
-        if r.state is not S.SPLIT
-        and (start is None or r.window.end > start)
-        and (end is None or r.window.start < end)
-    ]
-    if any(r.state is S.FAILED and not r.retryable for r in live):
-        return "failed"
-    if any(r.state is S.FAILED for r in live):
-        return "retryable"
-    if any(r.state in UNFINISHED for r in live):
-        return "unfinished"
-    return "done"

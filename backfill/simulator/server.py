@@ -222,30 +222,7 @@ class Simulator:
             fate = "failure"
         elif self._roll(faults.expired_results):
             fate = "expired"
-        stuck = self._roll(faults.stuck)
-        settings = self.settings
-        latency = (
-            settings.latency_base_s + settings.latency_per_krow_s * rows / 1000
-        ) * settings.time_scale
-        if stuck:
-            latency = math.inf  # accepted, and never finished
-        request_id = str(self._next_id)
-        self._next_id += 1
-        self._requests[request_id] = _Request(
-            id=request_id,
-            token=settings.token,
-            app=profile,
-            start_ms=start_ms,
-            end_ms=end_ms,
-            output_format=output_format,
-            app_versions=_comma_list(attributes.get("app_versions")),
-            event_ids=_comma_list(attributes.get("eventIds")),
-            ready_at=self._clock() + latency,
-            fate=fate,
-            message=message,
-            members=self._rng.randint(2, 4) if self._roll(faults.multi_member) else 1,
-            corrupt=self._roll(faults.corrupt_download),
-        )
+        request_id = self._accept(profile, attributes, record, rows, fate, message)
         body = {
             "data": {
                 "type": "rawData",
@@ -254,6 +231,43 @@ class Simulator:
             }
         }
         return _json(200, body), _with(record, status=200, request_id=request_id)
+
+    def _accept(
+        self,
+        profile: AppProfile,
+        attributes: dict[str, Any],
+        record: CallRecord,
+        rows: int,
+        fate: str,
+        message: str | None,
+    ) -> str:
+        """Store an accepted request whose fate is drawn; returns its id."""
+        settings, faults = self.settings, self.settings.faults
+        stuck = self._roll(faults.stuck)
+        latency = (
+            settings.latency_base_s + settings.latency_per_krow_s * rows / 1000
+        ) * settings.time_scale
+        if stuck:
+            latency = math.inf  # accepted, and never finished
+        request_id = str(self._next_id)
+        self._next_id += 1
+        assert record.start_ms is not None and record.end_ms is not None
+        self._requests[request_id] = _Request(
+            id=request_id,
+            token=settings.token,
+            app=profile,
+            start_ms=record.start_ms,
+            end_ms=record.end_ms,
+            output_format=attributes.get("outputFormat", "JSON"),
+            app_versions=_comma_list(attributes.get("app_versions")),
+            event_ids=_comma_list(attributes.get("eventIds")),
+            ready_at=self._clock() + latency,
+            fate=fate,
+            message=message,
+            members=self._rng.randint(2, 4) if self._roll(faults.multi_member) else 1,
+            corrupt=self._roll(faults.corrupt_download),
+        )
+        return request_id
 
     def _rate_limited(self, processing: int) -> web.Response:
         cap = self.settings.max_processing

@@ -1,0 +1,185 @@
+"""The engine through its ports: a scripted API, an in-memory store, a real SQLite ledger.
+
+No server and no Parquet: each test runs in well under a second and shows one lifecycle rule
+as the engine carries it out (what was called, in which order, where the ledger ends).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from backfill.config import ApiSettings, AppSettings, OutputSettings, Settings, WindowSettings
+from backfill.engine import Engine
+from backfill.errors import AuthError
+from backfill.ledger import Ledger
+from backfill.models import WindowState
+from backfill.protocol import Processing
+from tests.fakes import FakeApi, FakeStore, rate_limited, refused, too_large
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+S = WindowState
+DAY = 86_400_000
+START = 20_000 * DAY  # a fixed UTC midnight
+
+
+def _settings(root: Path, **api: Any) -> Settings:
+    fields: dict[str, Any] = {"calls_per_minute": 100_000, "poll_initial_s": 0.001,
+                              "poll_min_s": 0.001, "poll_max_s": 0.01, "backoff_base_s": 0.001,
+                              "backoff_cap_s": 0.01, "max_attempts": 3}  # fmt: skip
+    return Settings(
+        api=ApiSettings(**(fields | api)),
+        windows=WindowSettings(history_days=730, lag_hours=24),
+        output=OutputSettings(root=root),
+        apps=(AppSettings(name="a", api_key="A" * 20), AppSettings(name="b", api_key="B" * 20)),
+    )
+
+
+class Run:
+    def __init__(self, engine: Engine, api: FakeApi, store: FakeStore, ledger: Ledger) -> None:
+        self.engine, self.api, self.store, self.ledger = engine, api, store, ledger
+
+    async def plan(self, days: int, apps: tuple[str, ...] = ("a",)) -> None:
+        chosen = [a for a in self.engine.settings.apps if a.name in apps]
+        await self.engine.plan(chosen, START, START + days * DAY)
+
+    async def go(self, apps: tuple[str, ...] = ("a",)) -> Any:
+        return await self.engine.run([a for a in self.engine.settings.apps if a.name in apps])
+
+    async def states(self) -> list[tuple[int, WindowState]]:
+        return [(r.window.length // DAY, r.state) for r in await self.ledger.windows()]
+
+
+@pytest.fixture
+async def run(tmp_path: Path) -> AsyncIterator[Run]:
+    ledger = await Ledger.open(tmp_path / "ledger.sqlite")
+    api, store = FakeApi(), FakeStore(tmp_path / "downloads")
+    settings = _settings(tmp_path)
+    engine = Engine(
+        settings=settings, ledger=ledger, writer=store, api=api, now_ms=lambda: START + 800 * DAY
+    )
+    yield Run(engine, api, store, ledger)
+    await ledger.close()
+
+
+async def test_a_window_goes_submit_poll_download_land_commit(run: Run) -> None:
+    run.api.polls[START, START + 30 * DAY] = [Processing(), Processing(), None]
+    await run.plan(30)
+    summary = await run.go()
+    assert [kind for kind, _ in run.api.log] == ["submit", "status", "status", "status", "download"]
+    assert await run.states() == [(30, S.COMMITTED)]
+    (record,) = await run.ledger.windows()
+    assert record.rows == 10 and record.request_id == "r1" and record.committed_attempt == 0
+    assert (summary.committed, summary.rows, summary.failed) == (1, 10, 0)
+    assert not run.api.processing, "every request was seen ready"
+
+
+async def test_too_large_splits_into_the_suggested_size_and_the_app_learns_it(run: Run) -> None:
+    run.api.submits[START, START + 30 * DAY] = [too_large(7)]
+    await run.plan(30)
+    summary = await run.go()
+    assert sorted(await run.states()) == [(2, S.COMMITTED), *[(7, S.COMMITTED)] * 4, (30, S.SPLIT)]
+    assert await run.ledger.learned_size("a") == 7 * DAY
+    assert summary.split == 1 and summary.committed == 5
+    assert run.api.calls.submit == 1 + 5
+    await run.engine.plan(run.engine.settings.apps[:1], START + 30 * DAY, START + 44 * DAY)
+    await run.go()
+    assert run.api.calls.submit == 6 + 2, "later windows are planned at the learned week"
+
+
+async def test_a_window_planned_before_its_size_was_learned_is_cut_without_a_call(run: Run) -> None:
+    await run.plan(30)
+    await run.ledger.learn_size("a", 7 * DAY)
+    summary = await run.go()
+    assert sorted(await run.states()) == [(2, S.COMMITTED), *[(7, S.COMMITTED)] * 4, (30, S.SPLIT)]
+    assert run.api.calls.submit == 5 and summary.split == 1
+
+
+async def test_flurry_failure_is_submitted_again_once_then_fails_retryably(run: Run) -> None:
+    from backfill.errors import RequestFailedError
+
+    run.api.polls[START, START + 30 * DAY] = [RequestFailedError("Failure")]
+    await run.plan(30)
+    summary = await run.go()
+    (record,) = await run.ledger.windows()
+    assert record.state is S.FAILED and record.retryable and record.attempt == 1
+    assert "Failure 2 times" in (record.error_message or "")
+    assert record.error_class == "RequestFailedError"
+    assert run.api.calls.submit == 2 and summary.failed == 1
+
+
+async def test_a_429_at_submit_closes_the_gate_for_every_app_and_lowers_the_cap(run: Run) -> None:
+    run.api.submits[START, START + 30 * DAY] = [rate_limited(0.3, limit=1), None]
+    await run.plan(30, ("a", "b"))
+    began = anyio.current_time()
+    await run.go(("a", "b"))
+    submits = [w for kind, w in run.api.log if kind == "submit"]
+    assert len(submits) == 3 and anyio.current_time() - began >= 0.3
+    assert run.engine.budget.in_flight.total_tokens == 1, "Flurry said its cap is 1"
+    assert await run.states() == [(30, S.COMMITTED), (30, S.COMMITTED)]
+
+
+async def test_requests_processing_never_exceed_the_cap(tmp_path: Path) -> None:
+    ledger = await Ledger.open(tmp_path / "ledger.sqlite")
+    api, store = FakeApi(), FakeStore(tmp_path / "downloads")
+    for day in range(12):
+        api.polls[START + day * DAY, START + (day + 1) * DAY] = [Processing(), Processing(), None]
+    settings = _settings(tmp_path, max_in_flight=3)
+    engine = Engine(settings=settings, ledger=ledger, writer=store, api=api)
+    await ledger.learn_size("a", DAY)
+    await engine.plan([settings.apps[0]], START, START + 12 * DAY)
+    await engine.run([settings.apps[0]])
+    await ledger.close()
+    assert api.calls.download == 12 and api.peak_processing == 3
+
+
+async def test_a_refused_token_stops_the_run_with_auth_error(run: Run) -> None:
+    run.api.submits[START, START + 30 * DAY] = [refused()]
+    await run.plan(30)
+    with pytest.raises(AuthError):
+        await run.go()
+    assert await run.states() == [(30, S.PENDING)]
+
+
+async def test_a_submitted_window_is_reattached_not_submitted_again(run: Run) -> None:
+    await run.plan(30)
+    (record,) = await run.ledger.windows()
+    now = START + 800 * DAY  # the engine's clock: the request was accepted just now
+    await run.ledger.advance(record, S.SUBMITTED, request_id="r-old", submitted_at=now)
+    run.api.processing.add("r-old")
+    await run.go()
+    assert [kind for kind, _ in run.api.log] == ["status", "download"]
+    assert run.api.log[0] == ("status", "r-old")
+    assert await run.states() == [(30, S.COMMITTED)]
+
+
+async def test_after_stop_no_request_is_submitted_and_windows_stay_resumable(run: Run) -> None:
+    for day in range(0, 90, 30):
+        run.api.polls[START + day * DAY, START + (day + 30) * DAY] = [Processing()]
+    run.api.on_submit = run.engine.stop  # the signal lands during the first POST
+    await run.plan(90)
+    with anyio.fail_after(5):
+        summary = await run.go()
+    assert run.api.calls.submit == 1, "nothing submitted from the signal on"
+    assert summary.interrupted
+    assert sorted(s for _, s in await run.states()) == [S.PENDING, S.PENDING, S.SUBMITTED]
+
+
+async def test_a_stop_during_a_long_backoff_ends_the_wait_at_once(run: Run) -> None:
+    run.api.submits[START, START + 30 * DAY] = [rate_limited(60.0)]
+    submitted = anyio.Event()
+    run.api.on_submit = submitted.set
+    await run.plan(30)
+    with anyio.fail_after(5):  # the backoff alone is 60 s
+        async with anyio.create_task_group() as group:
+            group.start_soon(run.go)
+            await submitted.wait()
+            run.engine.stop()
+    assert run.engine.summary.interrupted
+    assert await run.states() == [(30, S.PENDING)]
+    assert run.api.calls.submit == 1
