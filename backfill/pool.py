@@ -43,12 +43,19 @@ async def run_pool(
     Returns when all are handled; an exception from ``handle`` cancels the rest and propagates.
     """
     send, receive = anyio.create_memory_object_stream[_Entry[T]](workers)
-    async with anyio.create_task_group() as group:
-        pool = _Pool(handle, group)
-        group.start_soon(pool.feed, send, list(items))
-        for _ in range(workers):
-            group.start_soon(pool.consume, receive.clone())
-        receive.close()
+    try:
+        async with anyio.create_task_group() as group:
+            pool = _Pool(handle, group)
+            group.start_soon(pool.feed, send, list(items))
+            for _ in range(workers):
+                group.start_soon(pool.consume, receive.clone())
+    finally:  # after an error, close what is left in the stream unhandled
+        with receive:
+            while True:
+                try:
+                    receive.receive_nowait().sender.close()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
 
 
 class _Pool(Generic[T]):
@@ -59,7 +66,7 @@ class _Pool(Generic[T]):
     async def feed(self, send: MemoryObjectSendStream[_Entry[T]], items: list[T]) -> None:
         async with send:
             for item in items:
-                await send.send(_Entry(item, send.clone()))
+                await _put(send, item)
 
     async def consume(self, receive: MemoryObjectReceiveStream[_Entry[T]]) -> None:
         async with receive:
@@ -70,4 +77,14 @@ class _Pool(Generic[T]):
 
     async def send(self, sender: MemoryObjectSendStream[_Entry[T]], item: T) -> None:
         async with sender:
-            await sender.send(_Entry(item, sender.clone()))
+            await _put(sender, item)
+
+
+async def _put(sender: MemoryObjectSendStream[_Entry[T]], item: T) -> None:
+    """Send ``item`` with a clone of ``sender``; the clone is closed if it never arrives."""
+    clone = sender.clone()
+    try:
+        await sender.send(_Entry(item, clone))
+    except BaseException:
+        clone.close()
+        raise
