@@ -23,8 +23,8 @@ from backfill.models import WindowRecord, WindowState
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from backfill.manifest import Manifest
     from backfill.ports import LedgerPort, StorePort
-    from backfill.writer import Manifest
 
 __all__ = ["Recovery", "land", "recover"]
 

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Unpack
 
+    from backfill.manifest import Manifest
     from backfill.models import Window, WindowRecord, WindowState
     from backfill.protocol import Processing, Ready
-    from backfill.writer import Manifest
 
 __all__ = ["Api", "ApiCounts", "Changes", "LedgerPort", "StorePort"]
 

@@ -4,7 +4,7 @@ For each size and format it generates one gzip file of Flurry-like rows (30 days
 session, the simulator's row shapes), then converts it, each engine in its own subprocess so that
 peak RSS is each one's own:
 
-- ``ours``: ``backfill.writer.Writer.stage`` + ``publish`` (the code ``backfill run`` uses);
+- ``ours``: ``backfill.store.LocalStore.stage`` + ``publish`` (the code ``backfill run`` uses);
 - ``duckdb``: ``read_json``/``read_csv`` with MAP columns → ``COPY ... PARTITION_BY (dt)``;
 - ``naive``: a per-line ``orjson.loads`` (or ``csv``) + ``pa.Table.from_pylist`` script, the shape
   of the public Flurry scripts (run only up to ``--naive-max`` rows: it holds everything in memory).
@@ -63,7 +63,7 @@ def generate(path: Path, rows: int, fmt: str) -> int:
         pieces.append((row["sessionTimestamp"] - DAY0, line[comma:]))
     head = b'{"sessionTimestamp":' if fmt == "json" else b""
     written = 0
-    with igzip.open(path, "wb", compresslevel=1) as out:  # type: ignore[no-untyped-call]
+    with igzip.open(path, "wb", compresslevel=1) as out:  # type: ignore[no-untyped-call]  # igzip.open is unannotated
         if fmt == "csv":
             out.write(data.encode_csv([]))
         for day in range(DAYS):
@@ -84,9 +84,9 @@ def generate(path: Path, rows: int, fmt: str) -> int:
 
 
 def run_ours(source: Path, out: Path) -> int:
-    from backfill.writer import Writer
+    from backfill.store import LocalStore
 
-    writer = Writer(out)
+    writer = LocalStore(out)
     manifest = writer.stage(
         app="bench",
         window_id=1,
@@ -149,7 +149,7 @@ def run_naive(source: Path, out: Path, fmt: str) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from backfill.writer import SCHEMA
+    from backfill.schema import SCHEMA
 
     rows = []
     with gzip.open(source, "rb") as handle:
@@ -194,7 +194,7 @@ def child(engine: str, source: Path, out: Path, fmt: str) -> None:
     import orjson  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    import backfill.writer  # noqa: F401
+    import backfill.store  # noqa: F401
 
     began = time.perf_counter()
     if engine == "ours":
@@ -282,7 +282,7 @@ def _uncompressed_mb(path: Path) -> float:
     from isal import igzip
 
     total = 0
-    with igzip.open(path, "rb") as handle:  # type: ignore[no-untyped-call]
+    with igzip.open(path, "rb") as handle:  # type: ignore[no-untyped-call]  # igzip.open is unannotated
         while piece := handle.read(16 << 20):
             total += len(piece)
     return total / 1e6

@@ -27,7 +27,7 @@ from backfill.ledger import Ledger
 from backfill.models import DAY_MS, Window
 from backfill.protocol import Processing
 from backfill.simulator import AppProfile, SimulatorSettings, serve
-from backfill.writer import Writer
+from backfill.store import LocalStore
 
 TOKEN = "makespan-benchmark-token"
 APP = AppProfile(
@@ -72,7 +72,7 @@ async def ours(base: str, root: Path, cap: int, windows: int, seconds: float) ->
     ledger = await Ledger.open(settings.ledger_path)
     began = time.perf_counter()
     async with FlurryClient(base_url=base, token=Secret(TOKEN)) as api:
-        engine = Engine(settings=settings, ledger=ledger, writer=Writer(root), api=api)
+        engine = Engine(settings=settings, ledger=ledger, writer=LocalStore(root), api=api)
         start, end = _range(windows)
         await engine.plan(settings.apps, start, end)
         summary = await engine.run(settings.apps)
@@ -83,7 +83,7 @@ async def ours(base: str, root: Path, cap: int, windows: int, seconds: float) ->
 
 async def naive(base: str, root: Path, windows: int, seconds: float) -> float:
     """One window at a time: submit, poll every ``interval``, download, convert."""
-    writer = Writer(root)
+    writer = LocalStore(root)
     began = time.perf_counter()
     start, _ = _range(windows)
     async with FlurryClient(base_url=base, token=Secret(TOKEN)) as api:

@@ -20,7 +20,7 @@ from backfill.config import (
 from backfill.engine import Engine
 from backfill.ledger import Ledger
 from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
-from backfill.writer import Writer
+from backfill.store import LocalStore
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ async def engine(settings: Settings, **kwargs: Any) -> AsyncIterator[Engine]:
             yield Engine(
                 settings=settings,
                 ledger=ledger,
-                writer=Writer(settings.output.root),
+                writer=LocalStore(settings.output.root),
                 api=api,
                 **kwargs,
             )

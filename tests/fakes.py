@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from backfill.errors import AuthError, RateLimitedError, TooLargeError
+from backfill.manifest import Manifest, ManifestFile
 from backfill.protocol import Processing, Ready
-from backfill.writer import Manifest, ManifestFile
 
 if TYPE_CHECKING:
     from collections.abc import Callable

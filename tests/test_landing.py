@@ -18,7 +18,7 @@ from backfill.ledger import Ledger
 from backfill.models import WindowRecord, WindowState
 from backfill.simulator import ground_truth
 from backfill.simulator.data import encode_json
-from backfill.writer import Writer
+from backfill.store import LocalStore
 from tests.simkit import LARGE, settings
 
 if TYPE_CHECKING:
@@ -37,14 +37,14 @@ _CHILD = textwrap.dedent(
     from backfill import crashpoints
     from backfill.commit import land
     from backfill.ledger import Ledger
-    from backfill.writer import Writer
+    from backfill.store import LocalStore
 
     async def main() -> None:
         work = Path(sys.argv[1])
         ledger = await Ledger.open(work / "ledger.sqlite")
         (record,) = await ledger.windows(states=["DOWNLOADED"])
         crashpoints.arm(sys.argv[2])
-        await land(ledger, Writer(work / "out"), record, work / "download.gz")
+        await land(ledger, LocalStore(work / "out"), record, work / "download.gz")
 
     anyio.run(main)
     """
@@ -98,7 +98,7 @@ async def _prepare(work: Path, *, committed_first: bool) -> Ledger:
     (record,) = await ledger.add_windows("quest", START, START + 3 * DAY, size_ms=3 * DAY)
     record = await _to_downloaded(ledger, record)
     if committed_first:  # a committed window being re-pulled: the old attempt must survive a kill
-        record = await land(ledger, Writer(work / "out"), record, work / "download.gz")
+        record = await land(ledger, LocalStore(work / "out"), record, work / "download.gz")
         await _to_downloaded(ledger, record)
     return ledger
 
@@ -129,7 +129,7 @@ async def test_a_kill_at_any_landing_step_ends_with_each_row_exactly_once(
         assert pq.read_metadata(path).num_rows > 0
 
     ledger = await Ledger.open(tmp_path / "ledger.sqlite")
-    writer = Writer(tmp_path / "out")
+    writer = LocalStore(tmp_path / "out")
     report = await recover(ledger, writer)
     (record,) = await ledger.windows()
     if record.state is not S.COMMITTED:

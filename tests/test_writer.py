@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from backfill.errors import BadDataError
+from backfill.layout import download_owner, manifest_owner, part_name, part_owner, partition_value
+from backfill.schema import SCHEMA, Limits
 from backfill.simulator import ground_truth
 from backfill.simulator.data import encode_csv, encode_json, gzip_members
-from backfill.writer import SCHEMA, Limits, Writer, partition_value
+from backfill.store import LocalStore
 from tests.simkit import LARGE, SMALL, settings
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ def _key(row: dict[str, Any]) -> str:
 
 
 def stage_publish(
-    writer: Writer,
+    writer: LocalStore,
     source: Path,
     app: str = "quest",
     window_id: int = 1,
@@ -115,7 +117,7 @@ def test_round_trip_equals_the_ground_truth(tmp_path: Path, encoding: str) -> No
         payload = gzip.compress(text)
     source = write(tmp_path / "download", payload)
     # Small blocks, so that records cross block boundaries many times.
-    writer = Writer(tmp_path / "out", limits=Limits(block_bytes=64 << 10))
+    writer = LocalStore(tmp_path / "out", limits=Limits(block_bytes=64 << 10))
     manifest = stage_publish(writer, source, days=4)
     assert manifest.rows == len(rows) and manifest.rejected == 0
     got = landed(tmp_path / "out")
@@ -128,7 +130,7 @@ def test_round_trip_equals_the_ground_truth(tmp_path: Path, encoding: str) -> No
 def test_files_have_the_one_schema_sorted_zstd_with_statistics(tmp_path: Path) -> None:
     rows = truth(LARGE.api_key, days=3)
     rows.reverse()  # arrive unsorted: the writer sorts within each file
-    writer = Writer(tmp_path / "out", limits=Limits(block_bytes=32 << 10))
+    writer = LocalStore(tmp_path / "out", limits=Limits(block_bytes=32 << 10))
     manifest = stage_publish(writer, write(tmp_path / "d.gz", gzip.compress(encode_json(rows))))
     assert {f.partition for f in manifest.files} == {
         "dt=2024-10-04",
@@ -150,7 +152,9 @@ def test_files_have_the_one_schema_sorted_zstd_with_statistics(tmp_path: Path) -
 def test_the_first_and_last_millisecond_land_in_their_own_day(tmp_path: Path) -> None:
     rows = truth(SMALL.api_key, days=2)
     stage_publish(
-        Writer(tmp_path / "out"), write(tmp_path / "d.gz", gzip.compress(encode_json(rows))), days=2
+        LocalStore(tmp_path / "out"),
+        write(tmp_path / "d.gz", gzip.compress(encode_json(rows))),
+        days=2,
     )
     got = landed(tmp_path / "out")
     edges = {(r["sessionTimestamp"].isoformat(), r["dt"]) for r in got}
@@ -161,7 +165,9 @@ def test_the_first_and_last_millisecond_land_in_their_own_day(tmp_path: Path) ->
 def test_duckdb_reads_the_output_with_hive_partitions_and_map_lookups(tmp_path: Path) -> None:
     rows = truth(LARGE.api_key, days=2)
     stage_publish(
-        Writer(tmp_path / "out"), write(tmp_path / "d.gz", gzip.compress(encode_csv(rows))), days=2
+        LocalStore(tmp_path / "out"),
+        write(tmp_path / "d.gz", gzip.compress(encode_csv(rows))),
+        days=2,
     )
     key, value = next(
         (k, v) for r in rows for k, v in r["eventParameters"].items() if "," in v or '"' in v
@@ -183,7 +189,7 @@ def test_duckdb_reads_the_output_with_hive_partitions_and_map_lookups(tmp_path: 
 
 @pytest.mark.parametrize("payload", [b"", gzip.compress(b""), gzip.compress(encode_csv([]))])
 def test_an_empty_window_lands_no_file_and_a_zero_manifest(tmp_path: Path, payload: bytes) -> None:
-    writer = Writer(tmp_path / "out")
+    writer = LocalStore(tmp_path / "out")
     manifest = stage_publish(writer, write(tmp_path / "d.gz", payload))
     assert (manifest.rows, manifest.files) == (0, ())
     assert writer.manifest_path("quest", 1, 0).exists()
@@ -253,7 +259,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(
             archive.writestr("a.json", GOOD)
             archive.writestr("b.json", GOOD)
         payload = buffer.getvalue()
-    writer = Writer(
+    writer = LocalStore(
         tmp_path / "out",
         limits=Limits(max_line_bytes=1 << 20, ratio_grace_bytes=1 << 20, block_bytes=256 << 10),
     )
@@ -280,7 +286,9 @@ def test_quarantine_keeps_good_rows_and_counts_the_rejects(tmp_path: Path) -> No
     ]
     lines = encode_json(rows).splitlines()
     mixed = b"\n".join(lines[:10] + bad[:2] + lines[10:] + bad[2:]) + b"\n"
-    writer = Writer(tmp_path / "out", on_bad_rows="quarantine", limits=Limits(block_bytes=16 << 10))
+    writer = LocalStore(
+        tmp_path / "out", on_bad_rows="quarantine", limits=Limits(block_bytes=16 << 10)
+    )
     manifest = stage_publish(writer, write(tmp_path / "d.gz", gzip.compress(mixed)))
     assert manifest.rows == len(rows) and manifest.rejected == 3
     assert manifest.rows + manifest.rejected == len(lines) + len(bad)
@@ -312,7 +320,7 @@ def test_hostile_app_names_become_safe_partition_values(
     tmp_path: Path, name: str, value: str
 ) -> None:
     assert partition_value(name) == value
-    writer = Writer(tmp_path / "out")
+    writer = LocalStore(tmp_path / "out")
     stage_publish(
         writer,
         write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=1)))),
@@ -326,7 +334,7 @@ def test_hostile_app_names_become_safe_partition_values(
 
 
 def test_sweep_removes_what_no_live_attempt_owns(tmp_path: Path) -> None:
-    writer = Writer(tmp_path / "out")
+    writer = LocalStore(tmp_path / "out")
     source = write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=2))))
     stage_publish(writer, source, window_id=1, attempt=0, days=2)
     stage_publish(writer, source, window_id=1, attempt=1, days=2)
@@ -339,3 +347,36 @@ def test_sweep_removes_what_no_live_attempt_owns(tmp_path: Path) -> None:
     assert names == ["part-1-1-0.parquet", "part-1-1-1.parquet"]
     assert {p.name for p in removed} >= {"1.0.json", "2.0.json"}
     assert (tmp_path / "out" / "events" / "app=quest" / "dt=2024-10-04" / "notes.txt").exists()
+
+
+def test_load_gives_the_published_manifest_of_that_attempt_only(tmp_path: Path) -> None:
+    writer = LocalStore(tmp_path / "out")
+    source = write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=1))))
+    manifest = stage_publish(writer, source, window_id=3, attempt=1, days=1)
+    assert writer.load("quest", 3, 1) == manifest
+    assert writer.load("quest", 3, 0) is None
+    assert writer.load("other", 3, 1) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "owner"),
+    [
+        (part_name(12, 3, 0), (12, 3)),
+        ("part-12-3-7.parquet", (12, 3)),
+        ("part-12-3.parquet", None),
+        ("part-12-3-7.parquet.tmp", None),
+        ("notes.txt", None),
+    ],
+)
+def test_part_file_names_parse_back_to_their_attempt(
+    name: str, owner: tuple[int, int] | None
+) -> None:
+    assert part_owner(name) == owner
+
+
+def test_manifest_and_download_names_parse_back_to_their_attempt() -> None:
+    assert manifest_owner("12.3.json") == (12, 3)
+    assert manifest_owner("12.3.json.tmp") is None
+    assert manifest_owner("x.3.json") is None
+    assert download_owner("12.3.gz") == (12, 3)
+    assert download_owner("12.gz") is None

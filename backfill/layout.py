@@ -1,0 +1,147 @@
+"""The output layout: where every file of an attempt lives, and how its name is read back.
+
+Theory of operation.  Under the output root::
+
+    events/app={app}/dt={YYYY-MM-DD}/part-{window}-{attempt}-{seq}.parquet   what readers see
+    _manifests/{app}/{window}.{attempt}.json                                 publish intents
+    _staging/{app}/{window}.{attempt}/dt=.../part-...parquet                 before publish
+    _rejects/{app}/{window}.{attempt}.ndjson                                 quarantined rows
+    _downloads/{app}/{window}.{attempt}.gz                                   before staging
+
+``{app}`` is ``partition_value(app)``: percent-encoded, so no app name can climb out of its
+directory or hide from a hive reader; and every path handed out is checked to stay under the
+root.  A row goes to the partition of its session's UTC day.  This module is the one place that
+writes these names and the one place that parses them back (``part_owner``,
+``manifest_owner``, ``download_owner``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from backfill.errors import IntegrityError
+from backfill.models import DAY_MS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "Layout",
+    "day_partition",
+    "days",
+    "download_owner",
+    "manifest_owner",
+    "part_name",
+    "part_owner",
+    "partition_value",
+]
+
+_SAFE = re.compile(r"[A-Za-z0-9_.\-]")
+_PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet")
+_MANIFEST = re.compile(r"(\d+)\.(\d+)\.json")
+_DOWNLOAD = re.compile(r"(\d+)\.(\d+)\.gz")
+
+
+def partition_value(name: str) -> str:
+    """``name`` as a safe hive partition value: percent-encoded, never hidden, never ``..``."""
+    if not name:
+        raise ValueError("an app name must not be empty")
+    encoded = "".join(
+        c if _SAFE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in name
+    )
+    if encoded[0] in "._":  # hidden to Spark, Hive and Trino, and '.'/'..' are path tricks
+        encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
+    return encoded
+
+
+def days(stamps_ms: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The UTC day number (days since the epoch) of each millisecond timestamp."""
+    return stamps_ms // DAY_MS
+
+
+def day_partition(day: int) -> str:
+    """The partition directory of UTC day number ``day``: ``dt=YYYY-MM-DD``."""
+    return f"dt={np.datetime64(day, 'D').astype(str)}"
+
+
+def part_name(window_id: int, attempt: int, seq: int) -> str:
+    """The name of the ``seq``-th Parquet file an attempt writes."""
+    return f"part-{window_id}-{attempt}-{seq}.parquet"
+
+
+def _owner(pattern: re.Pattern[str], name: str) -> tuple[int, int] | None:
+    match = pattern.fullmatch(name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def part_owner(name: str) -> tuple[int, int] | None:
+    """The (window id, attempt) a Parquet file name belongs to, or None if not ours."""
+    return _owner(_PART, name)
+
+
+def manifest_owner(name: str) -> tuple[int, int] | None:
+    """The (window id, attempt) of a manifest file name, or None if not ours."""
+    return _owner(_MANIFEST, name)
+
+
+def download_owner(name: str) -> tuple[int, int] | None:
+    """The (window id, attempt) of a download file name, or None if not ours."""
+    return _owner(_DOWNLOAD, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """The paths under one output root; each one checked to stay under it."""
+
+    root: Path
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events"
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "_manifests"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "_staging"
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / "_rejects"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "_downloads"
+
+    def inside(self, path: Path) -> Path:
+        """``path``, once sure it resolves under the root; else ``IntegrityError``."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise IntegrityError(f"refusing to touch {path}: outside the output root {self.root}")
+        return path
+
+    def stage_dir(self, app: str, window_id: int, attempt: int) -> Path:
+        """The directory an attempt's files are staged in."""
+        return self.inside(self.staging / partition_value(app) / f"{window_id}.{attempt}")
+
+    def download_path(self, app: str, window_id: int, attempt: int) -> Path:
+        """Where a window's download lands before it is converted."""
+        return self.inside(self.downloads / partition_value(app) / f"{window_id}.{attempt}.gz")
+
+    def manifest_path(self, app: str, window_id: int, attempt: int) -> Path:
+        """Where an attempt's manifest is published."""
+        return self.inside(self.manifests / partition_value(app) / f"{window_id}.{attempt}.json")
+
+    def rejects_path(self, app: str, window_id: int, attempt: int) -> Path:
+        """The quarantine file of an attempt."""
+        return self.inside(self.rejects / partition_value(app) / f"{window_id}.{attempt}.ndjson")
+
+    def event_path(self, app: str, relative: str) -> Path:
+        """The published place of a file listed as ``relative`` (``dt=.../part-...``)."""
+        return self.inside(self.events / f"app={partition_value(app)}" / relative)

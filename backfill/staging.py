@@ -1,0 +1,294 @@
+"""Staging: the rows of one download → sorted zstd Parquet files under ``_staging/``.
+
+Theory of operation.  ``stage()`` reads the download through ``decode.tables`` (streaming,
+bounded, validated), cuts the rows into UTC-day partitions, buffers them, and writes each
+partition as zstd Parquet sorted by ``sessionTimestamp``, on a background thread so that
+writing overlaps with parsing.  Rows that break the schema fail the window, or, with
+``on_bad_rows="quarantine"``, go to the attempt's ``_rejects/`` file.  Every staged file's
+footer is read back and its size and sha256 go into the (unpublished) manifest.  A failed stage
+leaves no staged file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from backfill import crashpoints, decode
+from backfill.errors import IntegrityError
+from backfill.layout import day_partition, days, part_name
+from backfill.manifest import Manifest, ManifestFile, sha256
+from backfill.schema import MAPS, SCHEMA
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from backfill.layout import Layout
+    from backfill.schema import Limits
+
+__all__ = ["stage"]
+
+# Dictionaries where values repeat (and map keys); statistics on every scalar column.  Both
+# together cut Parquet encoding CPU by about 40% against the defaults, and the files shrink.
+_DICTIONARY = [
+    "appVersion", "deviceModel", "deviceSubModel", "countryISO", "eventName", "gender",
+    *(f"{m}.key_value.key" for m in MAPS), "sessionProperties.key_value.value",
+]  # fmt: skip
+_STATISTICS = [f.name for f in SCHEMA if f.name not in MAPS]
+
+
+def stage(
+    layout: Layout,
+    limits: Limits,
+    on_bad_rows: Literal["fail", "quarantine"],
+    *,
+    app: str,
+    window_id: int,
+    attempt: int,
+    start_ms: int,
+    end_ms: int,
+    source: Path,
+) -> Manifest:
+    """Convert ``source`` into staged Parquet files; returns their (unpublished) manifest.
+
+    Raises ``BadDataError`` for a corrupt, hostile or schema-breaking download; nothing
+    outside ``_staging/`` (and ``_rejects/``) is touched, and a failed stage leaves no staged
+    files.
+    """
+    where: dict[str, str | None] = {"app": app, "window": f"{start_ms}/{end_ms}"}
+    stage_dir = layout.stage_dir(app, window_id, attempt)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir(parents=True)
+    try:
+        rejects = _Rejects(layout.rejects_path(app, window_id, attempt))
+        quarantine = rejects.add if on_bad_rows == "quarantine" else None
+        sink = _PartitionSink(limits, stage_dir, window_id, attempt)
+        rows = _convert(source, limits, where, quarantine, sink, rejects)
+        files = _verify_staged(stage_dir, sink.written)
+    except BaseException:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    return Manifest(
+        app=app,
+        window_id=window_id,
+        attempt=attempt,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        rows=rows,
+        rejected=rejects.count,
+        size=sum(f.size for f in files),
+        files=tuple(files),
+    )
+
+
+def _convert(
+    source: Path,
+    limits: Limits,
+    where: dict[str, str | None],
+    quarantine: Callable[[int, str, str], None] | None,
+    sink: _PartitionSink,
+    rejects: _Rejects,
+) -> int:
+    """Pour the rows of ``source`` into ``sink``; returns how many there were."""
+    rows = 0
+    try:
+        with decode.tables(source, limits, where, quarantine) as batches:
+            for table in batches:
+                rows += table.num_rows
+                sink.add(table)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        rejects.close()
+    return rows
+
+
+def _verify_staged(stage_dir: Path, written: list[tuple[Path, int, str]]) -> list[ManifestFile]:
+    """Read each staged file's footer back; its manifest entry, or ``IntegrityError``."""
+    files = []
+    for path, rows, partition in written:
+        footer = pq.read_metadata(path)
+        if footer.num_rows != rows or not footer.schema.to_arrow_schema().equals(SCHEMA):
+            raise IntegrityError(f"staged file {path} reads back wrong ({footer.num_rows} rows)")
+        relative = path.relative_to(stage_dir)
+        files.append(
+            ManifestFile(
+                path=str(relative),
+                size=path.stat().st_size,
+                sha256=sha256(path),
+                rows=rows,
+                partition=partition,
+            )
+        )
+    return files
+
+
+class _Rejects:
+    """The quarantine file of one attempt: one JSON line per rejected row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._handle: IO[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, line: int, text: str, reason: str) -> None:
+        with self._lock:
+            self._add(line, text, reason)
+
+    def _add(self, line: int, text: str, reason: str) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("w", encoding="utf-8")
+        self._handle.write(
+            json.dumps({"line": line, "reason": reason, "raw": text}, ensure_ascii=False) + "\n"
+        )
+        self.count += 1
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+
+
+class _Background:
+    """One worker thread running submitted jobs in order; the first error is raised at ``close``."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # kept for close(), which raises it
+                    self._error = exc
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+@dataclass(slots=True)
+class _Partition:
+    day: int
+    tables: list[pa.Table] = field(default_factory=list)
+    nbytes: int = 0
+    touched: int = 0
+
+
+class _PartitionSink:
+    """Buffers rows per UTC day and writes each day as sorted zstd Parquet files."""
+
+    def __init__(self, limits: Limits, stage_dir: Path, window_id: int, attempt: int) -> None:
+        self.background = _Background(depth=1)
+        self.limits = limits
+        self.stage_dir = stage_dir
+        self.window_id = window_id
+        self.attempt = attempt
+        self.partitions: dict[int, _Partition] = {}
+        self.buffered = 0
+        self.seq = 0
+        self.tick = 0
+        self.written: list[tuple[Path, int, str]] = []
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self.tick += 1
+        self._buffer(table)
+        # A day the last two blocks did not touch is most likely complete (downloads come
+        # sorted by session): write it now, so writing overlaps with parsing.
+        # A day past the file size is written now too: memory stays flat however big days get.
+        limit = self.limits.file_bytes
+        for part in [
+            p for p in self.partitions.values() if p.touched < self.tick - 1 or p.nbytes >= limit
+        ]:
+            self._flush(part)
+        while self.buffered > self.limits.buffer_bytes and self.partitions:
+            self._flush(min(self.partitions.values(), key=lambda p: (p.touched, -p.nbytes)))
+
+    def _buffer(self, table: pa.Table) -> None:
+        """Cut ``table`` into runs of one UTC day and append each to its day's buffer."""
+        day_of = days(table.column("sessionTimestamp").cast(pa.int64()).to_numpy())
+        if len(day_of) > 1 and not (np.diff(day_of) >= 0).all():
+            order = np.argsort(day_of, kind="stable")
+            table, day_of = table.take(pa.array(order)), day_of[order]
+        bounds = np.flatnonzero(np.diff(day_of)) + 1
+        for lo, hi in zip(
+            np.concatenate(([0], bounds)), np.concatenate((bounds, [len(day_of)])), strict=True
+        ):
+            day = int(day_of[lo])
+            part = self.partitions.setdefault(day, _Partition(day))
+            piece = table.slice(int(lo), int(hi - lo))
+            part.tables.append(piece)
+            part.nbytes += piece.nbytes
+            part.touched = self.tick
+            self.buffered += piece.nbytes
+
+    def close(self) -> None:
+        try:
+            for part in sorted(self.partitions.values(), key=lambda p: p.day):
+                self._flush(part)
+        finally:
+            self.background.close()
+
+    def abort(self) -> None:
+        """Stop without writing what is buffered (the stage failed)."""
+        self.partitions.clear()
+        with contextlib.suppress(BaseException):
+            self.background.close()
+
+    def _flush(self, part: _Partition) -> None:
+        del self.partitions[part.day]
+        self.buffered -= part.nbytes
+        seq, self.seq = self.seq, self.seq + 1
+        self.background.submit(lambda: self._write(part, seq))
+
+    def _write(self, part: _Partition, seq: int) -> None:
+        table = pa.concat_tables(part.tables)
+        stamps = table.column("sessionTimestamp").cast(pa.int64()).to_numpy()
+        if len(stamps) > 1 and not (np.diff(stamps) >= 0).all():
+            table = table.take(pa.array(np.argsort(stamps, kind="stable")))
+        partition = day_partition(part.day)
+        directory = self.stage_dir / partition
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / part_name(self.window_id, self.attempt, seq)
+        with path.open("wb") as handle:
+            pq.write_table(
+                table,
+                handle,
+                compression="zstd",
+                row_group_size=self.limits.row_group_rows,
+                use_dictionary=_DICTIONARY,
+                write_statistics=_STATISTICS,
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        crashpoints.hit("writer.stage")
+        self.written.append((path, table.num_rows, partition))

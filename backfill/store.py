@@ -1,0 +1,248 @@
+"""The local-filesystem output store: stage, publish, recover, audit and sweep window output.
+
+Theory of operation.  ``LocalStore`` is the adapter of the output-store port on a local (or
+mounted) directory; its methods are synchronous and the engine runs them on worker threads.
+``stage()`` converts a download into Parquet under ``_staging/`` (see ``staging``).
+``publish()`` writes the manifest to ``_manifests/`` (the intent record), then moves each file
+into ``events/`` (fsync the file, rename, fsync the directory).  Only then may the ledger say
+COMMITTED.  ``finish()`` completes an interrupted publish from its manifest; ``remove()`` takes
+an attempt's files out; ``sweep()`` deletes whatever belongs to no live attempt; ``orphans()``
+and ``check_manifest()`` report, for ``verify``, what is wrong without changing anything.  No
+reader ever sees a file without its footer: files appear in ``events/`` only by rename, and
+every path is checked to stay under the output root (see ``layout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from typing import TYPE_CHECKING, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from backfill import crashpoints, staging
+from backfill.errors import IntegrityError
+from backfill.layout import Layout, download_owner, manifest_owner, part_owner
+from backfill.manifest import Manifest, ManifestFile, sha256
+from backfill.schema import Limits
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["LocalStore"]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """Stages, publishes and recovers window output under one root directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        limits: Limits | None = None,
+        on_bad_rows: Literal["fail", "quarantine"] = "fail",
+    ) -> None:
+        self.root = root
+        self.limits = limits or Limits()
+        self.on_bad_rows = on_bad_rows
+        self.layout = Layout(root=root)
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def download_path(self, app: str, window_id: int, attempt: int) -> Path:
+        """Where a window's download lands before it is converted."""
+        return self.layout.download_path(app, window_id, attempt)
+
+    def manifest_path(self, app: str, window_id: int, attempt: int) -> Path:
+        """Where the manifest of an attempt is (once published)."""
+        return self.layout.manifest_path(app, window_id, attempt)
+
+    def _final(self, manifest: Manifest, item: ManifestFile) -> Path:
+        return self.layout.event_path(manifest.app, item.path)
+
+    # -- stage and publish ---------------------------------------------------------------
+
+    def stage(
+        self, *, app: str, window_id: int, attempt: int, start_ms: int, end_ms: int, source: Path
+    ) -> Manifest:
+        """Convert ``source`` into staged Parquet files; returns their (unpublished) manifest.
+
+        Raises ``BadDataError`` for a corrupt, hostile or schema-breaking download; nothing
+        outside ``_staging/`` is touched, and a failed stage leaves no staged files.
+        """
+        return staging.stage(
+            self.layout,
+            self.limits,
+            self.on_bad_rows,
+            app=app,
+            window_id=window_id,
+            attempt=attempt,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            source=source,
+        )
+
+    def publish(self, manifest: Manifest) -> Path:
+        """Write the manifest, then move the staged files into ``events/``; returns its path."""
+        target = self.manifest_path(manifest.app, manifest.window_id, manifest.attempt)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_suffix(".json.tmp")
+        with temporary.open("wb") as handle:
+            handle.write(manifest.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        _fsync_dir(target.parent)
+        crashpoints.hit("writer.manifest")
+        if not self.finish(manifest):
+            raise IntegrityError(
+                f"staged files of window {manifest.window_id} went missing before publish"
+            )
+        return target
+
+    def finish(self, manifest: Manifest) -> bool:
+        """Move whatever of ``manifest`` is still staged into place; True if all files are there."""
+        stage_dir = self.layout.stage_dir(manifest.app, manifest.window_id, manifest.attempt)
+        for item in manifest.files:
+            final = self._final(manifest, item)
+            staged = stage_dir / item.path
+            if final.exists() and final.stat().st_size == item.size:
+                continue
+            if not staged.exists():
+                return False
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            _fsync_dir(final.parent)
+            crashpoints.hit("writer.publish")
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        return True
+
+    def remove(self, manifest: Manifest) -> None:
+        """Take an attempt's files out of ``events/``, then its manifest."""
+        for item in manifest.files:
+            with contextlib.suppress(FileNotFoundError):
+                self._final(manifest, item).unlink()
+        path = self.manifest_path(manifest.app, manifest.window_id, manifest.attempt)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        shutil.rmtree(
+            self.layout.stage_dir(manifest.app, manifest.window_id, manifest.attempt),
+            ignore_errors=True,
+        )
+
+    # -- manifests -----------------------------------------------------------------------
+
+    def load_manifest(self, path: Path) -> Manifest:
+        """The manifest at ``path``; ``ValueError``, ``TypeError`` or ``KeyError`` if malformed."""
+        return Manifest.from_json(path.read_bytes())
+
+    def load(self, app: str, window_id: int, attempt: int) -> Manifest | None:
+        """The published manifest of that attempt, or None if it has none."""
+        path = self.manifest_path(app, window_id, attempt)
+        return self.load_manifest(path) if path.exists() else None
+
+    def manifests(self) -> list[Path]:
+        """Every manifest under ``_manifests/``."""
+        if not self.layout.manifests.exists():
+            return []
+        return sorted(self.layout.manifests.glob("*/*.json"))
+
+    def check_manifest(self, path: Path, rows: int | None) -> list[str]:
+        """Problems with one committed attempt: its manifest, its files, their bytes and rows."""
+        if not path.exists():
+            return [f"{path}: the manifest of a committed window is missing"]
+        try:
+            manifest = self.load_manifest(path)
+        except (ValueError, TypeError, KeyError) as exc:
+            return [f"{path}: unreadable manifest ({exc})"]
+        problems = []
+        if rows is not None and manifest.rows != rows:
+            problems.append(f"{path}: {manifest.rows} rows, the ledger says {rows}")
+        for item in manifest.files:
+            problem = self._check_file(self._final(manifest, item), item, path.name)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    def _check_file(self, final: Path, item: ManifestFile, listed_in: str) -> str | None:
+        """What is wrong with one landed file against its manifest entry, or None."""
+        if not final.exists():
+            return f"{final}: missing (listed in {listed_in})"
+        if final.stat().st_size != item.size:
+            return f"{final}: {final.stat().st_size} bytes, the manifest says {item.size}"
+        if sha256(final) != item.sha256:
+            return f"{final}: sha256 differs from the manifest"
+        try:
+            found = pq.read_metadata(final).num_rows
+        except (OSError, pa.ArrowException) as exc:
+            return f"{final}: unreadable Parquet ({exc})"
+        if found != item.rows:
+            return f"{final}: {found} rows, the manifest says {item.rows}"
+        return None
+
+    # -- orphans and sweeping ------------------------------------------------------------
+
+    def orphans(self, live: set[tuple[int, int]]) -> list[str]:
+        """Files a reader could see, or that linger, which belong to no committed attempt."""
+        problems = []
+        events = self.layout.events
+        for path in sorted(events.glob("app=*/dt=*/*")) if events.exists() else []:
+            owner = part_owner(path.name)
+            if owner is None:
+                problems.append(f"{path}: not a file backfill wrote")
+            elif owner not in live:
+                problems.append(f"{path}: belongs to no committed window attempt")
+        problems.extend(
+            f"{path}: manifest of no committed window attempt"
+            for path in self.manifests()
+            if manifest_owner(path.name) not in live
+        )
+        staged = self.layout.staging
+        if staged.exists() and any(p.is_file() for p in staged.rglob("*")):
+            problems.append(f"{staged}: staged files left behind (the next run sweeps them)")
+        return problems
+
+    def sweep(self, live: set[tuple[int, int]]) -> list[Path]:
+        """Delete event files and manifests whose (window id, attempt) is not in ``live``.
+
+        Returns what was deleted.  Files that do not look like ours are left alone.
+        """
+        removed = []
+        events, manifests = self.layout.events, self.layout.manifests
+        for path in events.glob("app=*/dt=*/*.parquet") if events.exists() else []:
+            owner = part_owner(path.name)
+            if owner is not None and owner not in live:
+                path.unlink()
+                removed.append(path)
+        for path in self.manifests():
+            owner = manifest_owner(path.name)
+            if owner is not None and owner not in live:
+                path.unlink()
+                removed.append(path)
+        for temporary in manifests.glob("*/*.tmp") if manifests.exists() else []:
+            temporary.unlink()
+        return removed
+
+    def sweep_downloads(self, keep: set[tuple[int, int]]) -> int:
+        """Delete downloads whose (window id, attempt) is not in ``keep``; returns how many."""
+        removed = 0
+        downloads = self.layout.downloads
+        for path in downloads.glob("*/*.gz") if downloads.exists() else []:
+            if download_owner(path.name) not in keep:
+                path.unlink()
+                removed += 1
+        return removed
+
+    def discard_staging(self) -> None:
+        """Drop everything staged (call only when no stage is running)."""
+        shutil.rmtree(self.layout.staging, ignore_errors=True)
