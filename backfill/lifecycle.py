@@ -186,7 +186,11 @@ def _poll(state: WindowState, o: Outcome, p: Progress, policy: Policy, rng: rand
     if seen.elapsed_s >= policy.request_timeout_s:
         reason = f"the request did not finish within {policy.request_timeout_s:g} s"
         return _resubmit(state, dataclasses.replace(o, detail=reason), seen, policy, rng)
-    return _step(S.SUBMITTED, Effect.POLL, seen, delay_s=policy.poll_delay(seen))
+    return _step(S.SUBMITTED, Effect.POLL, seen, delay_s=_poll_delay(policy, seen))
+
+
+def _poll_delay(policy: Policy, p: Progress) -> float:
+    return policy.poll_delay(polls=p.polls, elapsed=p.elapsed_s, expected=p.expected_s)
 
 
 def _to(target: WindowState, effect: Effect) -> Rule:

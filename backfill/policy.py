@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import random
 
-    from backfill.lifecycle import Progress
-
 __all__ = ["Estimator", "Policy"]
 
 
@@ -55,15 +53,18 @@ class Policy:
         ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2 ** min(retries, 30))
         return max(at_least, rng.uniform(0.0, ceiling))
 
-    def poll_delay(self, progress: Progress) -> float:
-        """Seconds until the next status poll (see the module docstring for the schedule)."""
-        elapsed, expected = progress.elapsed_s, progress.expected_s
+    def poll_delay(self, *, polls: int, elapsed: float, expected: float | None) -> float:
+        """Seconds until the next status poll (see the module docstring for the schedule).
+
+        ``polls`` made so far of a request accepted ``elapsed`` seconds ago, whose processing
+        time is ``expected`` (None: no estimate yet).
+        """
         if expected is not None:
             if elapsed < expected:
                 return max(self.poll_min_s, expected - elapsed)
             if elapsed < 2 * expected:  # just past the estimate: look often, briefly
                 return min(self.poll_max_s, max(self.poll_min_s, self.poll_fine * expected))
-        elif progress.polls == 0:
+        elif polls == 0:
             return self.poll_initial_s
         grown = (self.poll_growth - 1.0) * max(elapsed, self.poll_initial_s)
         return min(self.poll_max_s, max(self.poll_min_s, grown))

@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from backfill.lifecycle import Progress
 from backfill.policy import Policy
 
 P = Policy()
@@ -28,9 +27,7 @@ def _simulate_polls(
     """Poll a request of ``processing_s`` until seen finished; return (polls, lateness)."""
     elapsed, polls = 0.0, 0
     while True:
-        elapsed += policy.poll_delay(
-            Progress(polls=polls, elapsed_s=elapsed, expected_s=expected_s)
-        )
+        elapsed += policy.poll_delay(polls=polls, elapsed=elapsed, expected=expected_s)
         polls += 1
         if elapsed >= processing_s:
             return polls, elapsed - processing_s
