@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from pathlib import Path
 
-__all__ = ["AppCoverage", "Ledger"]
+    from backfill.ports import Changes
+
+__all__ = ["AppCoverage", "Ledger", "RecordedSettings"]
 
 T = TypeVar("T")
 
@@ -74,12 +76,24 @@ _MIGRATIONS: tuple[str, ...] = (
         updated_at INTEGER NOT NULL
     );
     """,
+    # 2: replacement by range, and the settings each app's rows were pulled with.
+    """
+    ALTER TABLE windows ADD COLUMN replaces INTEGER REFERENCES windows (id);
+    CREATE INDEX windows_by_replaces ON windows (replaces);
+    CREATE TABLE app_settings (
+        app          TEXT PRIMARY KEY,
+        api_key      TEXT NOT NULL,
+        app_versions TEXT NOT NULL,
+        event_ids    TEXT NOT NULL,
+        updated_at   INTEGER NOT NULL
+    );
+    """,
 )
 
 _COLUMNS = (
     "id, app, start_ms, end_ms, state, attempt, parent_id, request_id, submitted_at, ready_at, "
     "error_class, error_message, retryable, rows, bytes, manifest, committed_attempt, "
-    "created_at, updated_at"
+    "created_at, updated_at, replaces"
 )
 _UPDATABLE = frozenset(
     {"request_id", "submitted_at", "ready_at", "error_class", "error_message", "retryable",
@@ -107,6 +121,7 @@ def _record(row: sqlite3.Row) -> WindowRecord:
         committed_attempt=row["committed_attempt"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        replaces=row["replaces"],
     )
 
 
@@ -121,6 +136,25 @@ class AppCoverage:
     first_ms: int | None = None  # start of the earliest committed window
     last_ms: int | None = None  # end of the latest committed window
     gaps: tuple[tuple[int, int], ...] = ()  # planned ranges not committed, merged
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedSettings:
+    """What shapes an app's rows: the app's key and the filters it was pulled with."""
+
+    app: str
+    api_key: str
+    app_versions: tuple[str, ...] = ()
+    event_ids: tuple[str, ...] = ()
+
+
+def _recorded(row: sqlite3.Row) -> RecordedSettings:
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(filter(None, text.split(",")))
+
+    return RecordedSettings(app=row["app"], api_key=row["api_key"],
+                            app_versions=items(row["app_versions"]),
+                            event_ids=items(row["event_ids"]))  # fmt: skip
 
 
 class Ledger:
@@ -219,18 +253,19 @@ class Ledger:
         ).fetchall()
         holes = planner.gaps([(r[0], r[1]) for r in taken], start, end)
         return [
-            self._insert(window, None)
+            self._insert(window, None, None)
             for lo, hi in holes
             for window in planner.plan(app, lo, hi, size_ms=size_ms, tz=tz)
         ]
 
-    def _insert(self, window: Window, parent_id: int | None) -> WindowRecord:
+    def _insert(self, window: Window, parent_id: int | None, replaces: int | None) -> WindowRecord:
         now = self._now()
         cursor = self._db.execute(
             "INSERT INTO windows (app, start_ms, end_ms, state, attempt, parent_id, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
-            (window.app, window.start, window.end, WindowState.PENDING, parent_id, now, now),
-        )
+            "updated_at, replaces) VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            (window.app, window.start, window.end, WindowState.PENDING, parent_id, now, now,
+             replaces),
+        )  # fmt: skip
         return WindowRecord(
             id=int(cursor.lastrowid or 0),
             window=window,
@@ -239,6 +274,7 @@ class Ledger:
             parent_id=parent_id,
             created_at=now,
             updated_at=now,
+            replaces=replaces,
         )
 
     async def learned_size(self, app: str) -> int | None:
@@ -296,7 +332,12 @@ class Ledger:
         return self._get(record.id)
 
     async def split(self, record: WindowRecord, children: Sequence[Window]) -> list[WindowRecord]:
-        """Retire ``record`` as SPLIT and insert ``children`` (which must tile it), atomically."""
+        """Retire ``record`` as SPLIT and insert ``children`` (which must tile it), atomically.
+
+        A window whose files are live (it was committed, and is being pulled again) keeps them
+        live as SPLIT: its children replace its range together (``replaces``), in one
+        ``commit_group`` once all of them are staged, never one by one.
+        """
         advance(record.state, WindowState.SPLIT)
         spans = sorted((c.start, c.end) for c in children)
         tiled = (
@@ -317,11 +358,97 @@ class Ledger:
         )
         if cursor.rowcount != 1:
             raise StaleAttemptError(f"window {record.id} moved before it could be split")
+        replaces = record.replaces
+        if replaces is None and record.committed_attempt is not None:
+            replaces = record.id
         added = []
         for child in children:
-            added.append(self._insert(child, record.id))
+            added.append(self._insert(child, record.id, replaces))
             crashpoints.hit("ledger.split")
         return added
+
+    # -- replacement by range ------------------------------------------------------------------
+
+    async def group(self, root_id: int) -> list[WindowRecord]:
+        """The windows that replace the range of ``root_id`` together (SPLIT ones excluded)."""
+        where = "replaces = ? AND state != ?"
+        return await self._run(self._select, where, (root_id, WindowState.SPLIT))
+
+    async def commit_group(
+        self, root: WindowRecord, members: Sequence[tuple[WindowRecord, Changes]]
+    ) -> list[WindowRecord]:
+        """STAGED → COMMITTED for every member, and the root's old files no longer live.
+
+        One transaction: readers of the ledger see the old range or the new one, never both.
+        Raises ``StaleAttemptError`` if the root or any member moved.
+        """
+        for record, _ in members:
+            advance(record.state, WindowState.COMMITTED)
+        return await self._run(self._write, self._commit_group, root, list(members))
+
+    def _commit_group(
+        self, root: WindowRecord, members: list[tuple[WindowRecord, Changes]]
+    ) -> list[WindowRecord]:
+        cursor = self._db.execute(
+            "UPDATE windows SET committed_attempt = NULL, updated_at = ? "
+            "WHERE id = ? AND committed_attempt IS ?",
+            (self._now(), root.id, root.committed_attempt),
+        )
+        if cursor.rowcount != 1:
+            raise StaleAttemptError(f"window {root.id} was replaced by another run")
+        done = []
+        for record, changes in members:
+            done.append(self._move(record, WindowState.COMMITTED, record.attempt, dict(changes)))
+        marks = ", ".join("?" * len(done))
+        self._db.execute(
+            f"UPDATE windows SET replaces = NULL WHERE id IN ({marks})", tuple(r.id for r in done)
+        )
+        return [self._get(r.id) for r in done]
+
+    # -- per-app facts -------------------------------------------------------------------------
+
+    async def newest_committed_end(self, app: str) -> int | None:
+        """The end of ``app``'s newest window with live rows, or None."""
+        sql = "SELECT MAX(end_ms) FROM windows WHERE app = ? AND committed_attempt IS NOT NULL"
+        row = await self._run(self._fetchone, sql, (app,))
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def recorded_settings(self, app: str) -> RecordedSettings | None:
+        """The settings ``app``'s committed rows were pulled with, if recorded."""
+        sql = "SELECT app, api_key, app_versions, event_ids FROM app_settings WHERE app = ?"
+        row = await self._run(self._fetchone, sql, (app,))
+        return None if row is None else _recorded(row)
+
+    async def app_with_key(self, api_key: str) -> str | None:
+        """The app recorded with ``api_key``, if any."""
+        sql = "SELECT app FROM app_settings WHERE api_key = ?"
+        row = await self._run(self._fetchone, sql, (api_key,))
+        return None if row is None else str(row[0])
+
+    async def record_settings(self, settings: RecordedSettings) -> None:
+        """Record (or replace) the settings ``settings.app``'s rows are pulled with."""
+        sql = (
+            "INSERT INTO app_settings (app, api_key, app_versions, event_ids, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (app) DO UPDATE SET api_key = excluded.api_key, "
+            "app_versions = excluded.app_versions, event_ids = excluded.event_ids, "
+            "updated_at = excluded.updated_at"
+        )
+        params = (settings.app, settings.api_key, ",".join(settings.app_versions),
+                  ",".join(settings.event_ids), self._now())  # fmt: skip
+        await self._run(self._write, self._execute, sql, params)
+
+    async def forget(self, app: str) -> int:
+        """Delete every row of ``app`` (windows, learned size, settings); returns the windows."""
+        return await self._run(self._write, self._forget, app)
+
+    def _forget(self, app: str) -> int:
+        self._db.execute(
+            "UPDATE windows SET parent_id = NULL, replaces = NULL WHERE app = ?", (app,)
+        )
+        count = self._db.execute("DELETE FROM windows WHERE app = ?", (app,)).rowcount
+        self._db.execute("DELETE FROM app_sizes WHERE app = ?", (app,))
+        self._db.execute("DELETE FROM app_settings WHERE app = ?", (app,))
+        return int(count)
 
     # -- queries ---------------------------------------------------------------------------
 

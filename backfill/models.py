@@ -120,3 +120,4 @@ class WindowRecord:
     committed_attempt: int | None = None
     created_at: int = 0
     updated_at: int = 0
+    replaces: int | None = None  # the committed window whose range this one re-pulls, if split
