@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     _Handler = Callable[[argparse.Namespace, Mapping[str, str]], Awaitable[int]]
 
-__all__ = ["EXIT_CODES", "main"]
+__all__ = ["EXIT_CODES", "HANDLERS", "main"]
 
 # What runs each command of ``parser.COMMANDS``.
 HANDLERS: dict[str, _Handler] = {
