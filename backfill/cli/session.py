@@ -1,7 +1,7 @@
 """The set-up shared by the commands: the config, the chosen apps, the token, the ledger, the lock.
 
-This is the edge: the only place that reads ``os.environ`` (through the ``env`` the commands are
-given: the config path and the token variable) and opens the ledger for a command.
+The commands see the environment only as the ``env`` that ``main`` hands them; here it gives
+the config path (``BACKFILL_CONFIG``) and the token variable the config names.
 """
 
 from __future__ import annotations
