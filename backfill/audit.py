@@ -84,7 +84,7 @@ async def status(ledger: Ledger, apps: Iterable[str]) -> list[AppStatus]:
     return out
 
 
-async def verify(ledger: LedgerPort, writer: StorePort) -> list[str]:
+async def verify(ledger: LedgerPort, store: StorePort) -> list[str]:
     """Every problem found: files against manifests, orphans, and windows that do not tile."""
     records = await ledger.windows()
     problems: list[str] = []
@@ -93,9 +93,9 @@ async def verify(ledger: LedgerPort, writer: StorePort) -> list[str]:
     for record in committed:
         assert record.committed_attempt is not None
         live.add((record.id, record.committed_attempt))
-        path = writer.manifest_path(record.window.app, record.id, record.committed_attempt)
-        problems += await anyio.to_thread.run_sync(writer.check_manifest, path, record.rows)
-    problems += await anyio.to_thread.run_sync(writer.orphans, live)
+        path = store.manifest_path(record.window.app, record.id, record.committed_attempt)
+        problems += await anyio.to_thread.run_sync(store.check_manifest, path, record.rows)
+    problems += await anyio.to_thread.run_sync(store.orphans, live)
     by_app: dict[str, list[tuple[int, int]]] = {}
     for record in records:
         if record.state is not WindowState.SPLIT:

@@ -2,30 +2,31 @@
 
 ``parse(document, source=...)`` is pure: it turns the TOML mapping into frozen ``Settings`` or
 raises ``ConfigError`` naming the file, the key, the value and what was expected (with a
-did-you-mean for a misspelt key).  ``load(path, env)`` is the one place that reads the file, the
-token (from the environment variable or the file the config names; never from the command line)
-and checks that the output root is writable.  The ``[simulator]`` table belongs to the simulator
-and is skipped here.
+did-you-mean for a misspelt key); each table has its own checker.  ``load(path)`` reads the
+file and parses it.  ``read_token`` reads the token (from the environment variable or the file
+the config names; never from the command line) and ``check_writable`` checks that the output
+root and the ledger's folder can be written.  The ``[simulator]`` table belongs to the
+simulator and is skipped here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import tomllib
 import zoneinfo
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from backfill.config_toml import ABSENT, at_least, fail, hint, table
 from backfill.errors import ConfigError
 from backfill.planner import HORIZON_DAYS
 from backfill.policy import Policy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Mapping
 
 __all__ = [
     "ApiSettings",
@@ -43,8 +44,22 @@ __all__ = [
 _API_KEY = re.compile(r"[A-Z0-9]{20}")
 
 
+# The [api] keys that are the lifecycle's numbers: parsed straight into ``policy.Policy``.
+POLICY_KEYS = (
+    "poll_initial_s",
+    "poll_min_s",
+    "poll_max_s",
+    "request_timeout_s",
+    "max_attempts",
+    "backoff_base_s",
+    "backoff_cap_s",
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiSettings:
+    """The ``[api]`` table but for the policy's numbers (``POLICY_KEYS``, in ``Policy``)."""
+
     base_url: str = "https://rawdata.flurry.com/pulse/v1"
     token_env: str | None = None
     token_file: Path | None = None
@@ -54,13 +69,6 @@ class ApiSettings:
     calls_per_minute: int = 120  # submit + status calls
     downloads_at_once: int = 4
     conversions_at_once: int = 1
-    poll_initial_s: float = 30.0
-    poll_min_s: float = 1.0
-    poll_max_s: float = 300.0
-    request_timeout_s: float = 6 * 3600.0
-    max_attempts: int = 8  # retries of one step (5xx, 429, connection) before the window fails
-    backoff_base_s: float = 1.0  # full-jitter backoff: uniform in [0, base * 2**retries] ...
-    backoff_cap_s: float = 300.0  # ... never above this
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
 
@@ -77,7 +85,7 @@ class WindowSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutputSettings:
     root: Path = Path("data/flurry")
-    on_bad_rows: str = "fail"  # fail | quarantine
+    on_bad_rows: Literal["fail", "quarantine"] = "fail"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +107,7 @@ class Settings:
     windows: WindowSettings = field(default_factory=WindowSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    policy: Policy = field(default_factory=Policy)  # the [api] keys of POLICY_KEYS
     apps: tuple[AppSettings, ...] = ()
     source: str = "<config>"
     warnings: tuple[str, ...] = ()
@@ -106,19 +115,6 @@ class Settings:
     @property
     def ledger_path(self) -> Path:
         return self.ledger.path or self.output.root / "_ledger.sqlite"
-
-    @property
-    def policy(self) -> Policy:
-        a = self.api
-        return Policy(
-            poll_initial_s=a.poll_initial_s,
-            poll_min_s=a.poll_min_s,
-            poll_max_s=a.poll_max_s,
-            request_timeout_s=a.request_timeout_s,
-            max_attempts=a.max_attempts,
-            backoff_base_s=a.backoff_base_s,
-            backoff_cap_s=a.backoff_cap_s,
-        )
 
     def app(self, name: str) -> AppSettings:
         for app in self.apps:
@@ -129,195 +125,159 @@ class Settings:
 
 # -- checking ------------------------------------------------------------------------------
 
-_EXPECTED = {
-    "str": "a string",
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "Path": "a path (string)",
-    "tuple[str, ...]": "a list of strings",
-}
-
-
-def _fail(source: str, key: str, value: Any, expected: str) -> ConfigError:
-    shown = "missing" if value is _MISSING else repr(value)
-    return ConfigError(f"{source}: {key} = {shown}: expected {expected}")
-
-
-_MISSING = object()
-
-
-def _typed(source: str, key: str, value: Any, kind: str) -> Any:
-    base = kind.replace(" | None", "")
-    ok = {
-        "str": isinstance(value, str),
-        "Path": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "tuple[str, ...]": isinstance(value, list) and all(isinstance(v, str) for v in value),
-    }[base]
-    if not ok:
-        raise _fail(source, key, value, _EXPECTED[base])
-    if base == "Path":
-        return Path(value).expanduser()
-    if base == "float":
-        return float(value)
-    if base == "tuple[str, ...]":
-        return tuple(value)
-    return value
-
-
-def _table(cls: type[Any], table: Any, source: str, prefix: str) -> Any:
-    if not isinstance(table, dict):
-        raise _fail(source, prefix, table, "a table")
-    known = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, value in table.items():
-        dotted = f"{prefix}.{key}"
-        if key not in known:
-            raise ConfigError(f"{source}: {dotted}: unknown key{_hint(key, known, '{!r}')}")
-        values[key] = _typed(source, dotted, value, str(known[key].type))
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required key is missing
-        missing = [n for n, f in known.items() if n not in values and _required(f)]
-        raise _fail(
-            source, f"{prefix}.{missing[0]}" if missing else prefix, _MISSING, "a value"
-        ) from exc
-
-
-def _hint(name: str, known: Iterable[str], shape: str) -> str:
-    """``; did you mean 'x'?`` for a near miss, else the list of what is known."""
-    names = sorted(known)
-    close = difflib.get_close_matches(name, names, n=1)
-    return f"; did you mean {shape.format(close[0])}?" if close else f" (known: {', '.join(names)})"
-
-
-def _required(f: Any) -> bool:
-    return bool(f.default is MISSING and f.default_factory is MISSING)
-
-
-def _at_least(source: str, key: str, value: float, low: float, high: float | None = None) -> None:
-    if value < low or (high is not None and value > high):
-        span = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise _fail(source, key, value, f"a value {span}")
-
 
 def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
-    """Check the whole document and build ``Settings``; raises ``ConfigError``."""
+    """Check the whole document and build ``Settings``; raises ``ConfigError``.
+
+    The first problem found is the one reported: unknown tables, then each table's keys and
+    types, then the values of ``[api]``, ``[windows]`` and ``[output]``, then the apps.
+    """
     sections = {"api", "windows", "output", "ledger", "apps", "simulator"}
     for key in document:
         if key not in sections:
-            raise ConfigError(f"{source}: [{key}]: unknown table{_hint(key, sections, '[{}]')}")
-    api: ApiSettings = _table(ApiSettings, document.get("api", {}), source, "api")
-    windows: WindowSettings = _table(WindowSettings, document.get("windows", {}), source, "windows")
-    output: OutputSettings = _table(OutputSettings, document.get("output", {}), source, "output")
-    ledger: LedgerSettings = _table(LedgerSettings, document.get("ledger", {}), source, "ledger")
-    warnings: list[str] = []
+            raise ConfigError(f"{source}: [{key}]: unknown table{hint(key, sections, '[{}]')}")
+    api, policy = _api_tables(document.get("api", {}), source)
+    windows: WindowSettings = table(WindowSettings, document.get("windows", {}), source, "windows")
+    output: OutputSettings = table(OutputSettings, document.get("output", {}), source, "output")
+    ledger: LedgerSettings = table(LedgerSettings, document.get("ledger", {}), source, "ledger")
+    _check_api(api, policy, source)
+    windows, warnings = _check_windows(windows, source)
+    _check_output(output, source)
+    return Settings(
+        api=api,
+        policy=policy,
+        windows=windows,
+        output=output,
+        ledger=ledger,
+        apps=_apps(document.get("apps", []), source),
+        source=source,
+        warnings=warnings,
+    )
 
+
+_COUNTS = (
+    "max_in_flight",
+    "calls_per_minute",
+    "downloads_at_once",
+    "conversions_at_once",
+)
+_DURATIONS = ("connect_timeout_s", "read_timeout_s")
+_POLICY_DURATIONS = ("poll_initial_s", "poll_min_s", "poll_max_s", "request_timeout_s")
+
+
+def _api_tables(value: Any, source: str) -> tuple[ApiSettings, Policy]:
+    """``[api]`` as the connection's settings and the policy's numbers, every key known."""
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(ApiSettings)} | set(POLICY_KEYS)
+        for key in value:
+            if key not in known:
+                raise ConfigError(f"{source}: api.{key}: unknown key{hint(key, known, '{!r}')}")
+        numbers = {k: v for k, v in value.items() if k in POLICY_KEYS}
+        value = {k: v for k, v in value.items() if k not in POLICY_KEYS}
+        return table(ApiSettings, value, source, "api"), table(Policy, numbers, source, "api")
+    return table(ApiSettings, value, source, "api"), Policy()
+
+
+def _check_api(api: ApiSettings, policy: Policy, source: str) -> None:
+    """The ``[api]`` values: a web URL, one token source, a known format, sane limits."""
     if not api.base_url.startswith(("http://", "https://")):
-        raise _fail(source, "api.base_url", api.base_url, "an http:// or https:// URL")
+        raise fail(source, "api.base_url", api.base_url, "an http:// or https:// URL")
     if (api.token_env is None) == (api.token_file is None):
         raise ConfigError(
             f"{source}: api: expected exactly one of token_env or token_file "
             "(the token is never given on the command line)"
         )
     if api.format not in ("JSON", "CSV"):
-        raise _fail(source, "api.format", api.format, '"JSON" or "CSV"')
-    for key in (
-        "max_in_flight",
-        "calls_per_minute",
-        "downloads_at_once",
-        "conversions_at_once",
-        "max_attempts",
-    ):
-        _at_least(source, f"api.{key}", getattr(api, key), 1)
-    _at_least(source, "api.max_in_flight_per_app", api.max_in_flight_per_app, 0)
-    for key in (
-        "poll_initial_s",
-        "poll_min_s",
-        "poll_max_s",
-        "request_timeout_s",
-        "connect_timeout_s",
-        "read_timeout_s",
-    ):
-        _at_least(source, f"api.{key}", getattr(api, key), 0.001)
-    if api.poll_max_s < api.poll_min_s:
-        raise _fail(
-            source, "api.poll_max_s", api.poll_max_s, f"at least api.poll_min_s ({api.poll_min_s})"
-        )
+        raise fail(source, "api.format", api.format, '"JSON" or "CSV"')
+    for key in _COUNTS:
+        at_least(source, f"api.{key}", getattr(api, key), 1)
+    at_least(source, "api.max_in_flight_per_app", api.max_in_flight_per_app, 0)
+    at_least(source, "api.max_attempts", policy.max_attempts, 1)
+    for key in _DURATIONS:
+        at_least(source, f"api.{key}", getattr(api, key), 0.001)
+    for key in _POLICY_DURATIONS:
+        at_least(source, f"api.{key}", getattr(policy, key), 0.001)
+    if policy.poll_max_s < policy.poll_min_s:
+        raise fail(source, "api.poll_max_s", policy.poll_max_s,
+                   f"at least api.poll_min_s ({policy.poll_min_s})")  # fmt: skip
 
-    _at_least(source, "windows.max_days", windows.max_days, 1, 30)
-    _at_least(source, "windows.history_days", windows.history_days, 1)
-    _at_least(source, "windows.lag_hours", windows.lag_hours, 0)
-    _at_least(source, "windows.lookback_days", windows.lookback_days, 0, 30)
+
+def _check_windows(windows: WindowSettings, source: str) -> tuple[WindowSettings, tuple[str, ...]]:
+    """The ``[windows]`` values, with ``history_days`` clamped to the API's horizon (warned)."""
+    at_least(source, "windows.max_days", windows.max_days, 1, 30)
+    at_least(source, "windows.history_days", windows.history_days, 1)
+    at_least(source, "windows.lag_hours", windows.lag_hours, 0)
+    at_least(source, "windows.lookback_days", windows.lookback_days, 0, 30)
     try:
         zoneinfo.ZoneInfo(windows.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise _fail(
+        raise fail(
             source,
             "windows.timezone",
             windows.timezone,
             "an IANA zone such as UTC or Europe/Berlin",
         ) from exc
-    if windows.history_days > HORIZON_DAYS:
-        warnings.append(
-            f"{source}: windows.history_days = {windows.history_days}: the API serves only "
-            f"the last 2 years; clamped to {HORIZON_DAYS}"
-        )
-        windows = WindowSettings(
-            **{f.name: getattr(windows, f.name) for f in fields(windows)}
-            | {"history_days": HORIZON_DAYS}
-        )
-    if output.on_bad_rows not in ("fail", "quarantine"):
-        raise _fail(source, "output.on_bad_rows", output.on_bad_rows, '"fail" or "quarantine"')
+    if windows.history_days <= HORIZON_DAYS:
+        return windows, ()
+    warning = (
+        f"{source}: windows.history_days = {windows.history_days}: the API serves only "
+        f"the last 2 years; clamped to {HORIZON_DAYS}"
+    )
+    return dataclasses.replace(windows, history_days=HORIZON_DAYS), (warning,)
 
-    raw_apps = document.get("apps", [])
-    if not isinstance(raw_apps, list) or not raw_apps:
-        raise _fail(
-            source, "apps", raw_apps if raw_apps != [] else _MISSING, "at least one [[apps]] table"
-        )
-    apps = tuple(_table(AppSettings, item, source, f"apps[{i}]") for i, item in enumerate(raw_apps))
+
+def _check_output(output: OutputSettings, source: str) -> None:
+    """The ``[output]`` values: ``on_bad_rows`` is one of the writer's two policies."""
+    if output.on_bad_rows not in ("fail", "quarantine"):
+        raise fail(source, "output.on_bad_rows", output.on_bad_rows, '"fail" or "quarantine"')
+
+
+def _apps(raw: Any, source: str) -> tuple[AppSettings, ...]:
+    """The ``[[apps]]`` tables: at least one, each valid, no name or API key used twice."""
+    if not isinstance(raw, list) or not raw:
+        raise fail(source, "apps", raw if raw != [] else ABSENT, "at least one [[apps]] table")
+    apps = tuple(table(AppSettings, item, source, f"apps[{i}]") for i, item in enumerate(raw))
     names: dict[str, int] = {}
     keys: dict[str, int] = {}
     for i, app in enumerate(apps):
-        if not app.name.strip() or any(ord(c) < 32 for c in app.name):
-            raise _fail(
-                source, f"apps[{i}].name", app.name, "a non-empty name without control characters"
-            )
-        if not _API_KEY.fullmatch(app.api_key):
-            raise _fail(source, f"apps[{i}].api_key", app.api_key, "20 characters of A-Z and 0-9")
+        _check_app(app, source, f"apps[{i}]")
         if app.name in names:
-            raise _fail(
+            raise fail(
                 source,
                 f"apps[{i}].name",
                 app.name,
                 f"a name not already used by apps[{names[app.name]}]",
             )
         if app.api_key in keys:
-            raise _fail(
+            raise fail(
                 source,
                 f"apps[{i}].api_key",
                 app.api_key,
                 f"a key not already used by apps[{keys[app.api_key]}]",
             )
         names[app.name], keys[app.api_key] = i, i
-        for key, items in (("app_versions", app.app_versions), ("event_ids", app.event_ids)):
-            for value in items:
-                if not value or "," in value:
-                    raise _fail(
-                        source, f"apps[{i}].{key}", list(items), "non-empty values without commas"
-                    )
-    return Settings(
-        api=api,
-        windows=windows,
-        output=output,
-        ledger=ledger,
-        apps=apps,
-        source=source,
-        warnings=tuple(warnings),
-    )
+        _check_filters(app, source, f"apps[{i}]")
+    return apps
+
+
+def _check_app(app: AppSettings, source: str, prefix: str) -> None:
+    """One app's name and API key, on their own."""
+    if not app.name.strip() or any(ord(c) < 32 for c in app.name):
+        raise fail(
+            source, f"{prefix}.name", app.name, "a non-empty name without control characters"
+        )
+    if not _API_KEY.fullmatch(app.api_key):
+        raise fail(source, f"{prefix}.api_key", app.api_key, "20 characters of A-Z and 0-9")
+
+
+def _check_filters(app: AppSettings, source: str, prefix: str) -> None:
+    """One app's filters: each value non-empty and free of the commas the API splits on."""
+    for key, items in (("app_versions", app.app_versions), ("event_ids", app.event_ids)):
+        for value in items:
+            if not value or "," in value:
+                raise fail(
+                    source, f"{prefix}.{key}", list(items), "non-empty values without commas"
+                )
 
 
 def replace_api(settings: Settings, **changes: Any) -> Settings:
@@ -326,7 +286,11 @@ def replace_api(settings: Settings, **changes: Any) -> Settings:
 
 
 def load(path: Path) -> Settings:
-    """Read and check the config file at ``path``; raises ``ConfigError``."""
+    """Read the TOML file at ``path`` and ``parse`` it, naming ``path`` in every message.
+
+    Raises ``ConfigError`` when the file cannot be read, is not TOML, or fails a check.  It reads
+    no token and creates nothing: ``read_token`` and ``check_writable`` do that.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

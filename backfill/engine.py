@@ -49,7 +49,7 @@ class Engine:
         *,
         settings: Settings,
         ledger: LedgerPort,
-        writer: StorePort,
+        store: StorePort,
         api: Api,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         monotonic: Callable[[], float] = time.monotonic,
@@ -58,7 +58,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.writer = writer
+        self.store = store
         self.api = api
         self.now_ms = now_ms
         self.clock = monotonic
@@ -84,7 +84,7 @@ class Engine:
         self._context = Context(
             settings=settings,
             ledger=ledger,
-            store=writer,
+            store=store,
             api=api,
             budget=self.budget,
             sizes=self.sizes,
@@ -199,12 +199,12 @@ class Engine:
         return self.summary
 
     async def _prepare(self, names: list[str]) -> list[WindowRecord]:
-        recovery = await commit.recover(self.ledger, self.writer)
+        recovery = await commit.recover(self.ledger, self.store)
         if recovery.finished or recovery.requeued or recovery.swept:
             log_recovery(recovery)
         work = await self.ledger.windows(apps=names, states=UNFINISHED)
         keep = {(r.id, r.attempt) for r in work if r.state is S.DOWNLOADED}
-        await anyio.to_thread.run_sync(self.writer.sweep_downloads, keep)
+        await anyio.to_thread.run_sync(self.store.sweep_downloads, keep)
         work.sort(key=lambda r: (r.window.start, r.window.app))
         self.sizes.know({name: await self.ledger.learned_size(name) for name in names})
         for record in work:

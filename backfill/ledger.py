@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from pathlib import Path
 
-    from backfill.ports import Changes
+    from backfill.models import Changes
 
 __all__ = ["AppCoverage", "Ledger", "RecordedSettings"]
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypedDict
 
 from backfill.errors import IllegalTransitionError
 
 __all__ = [
+    "Changes",
     "DAY_MS",
     "HOUR_MS",
     "TRANSITIONS",
@@ -121,3 +123,17 @@ class WindowRecord:
     created_at: int = 0
     updated_at: int = 0
     replaces: int | None = None  # the committed window whose range this one re-pulls, if split
+
+
+class Changes(TypedDict, total=False):
+    """The columns a move may set beside the state (checked by mypy, not at run time)."""
+
+    request_id: str | None
+    submitted_at: int | None
+    ready_at: int | None
+    error_class: str | None
+    error_message: str | None
+    retryable: bool | None
+    rows: int | None
+    bytes: int | None
+    manifest: str | None

@@ -13,7 +13,7 @@ engine runs them in worker threads.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from typing import Unpack
 
     from backfill.manifest import Manifest
-    from backfill.models import Window, WindowRecord, WindowState
+    from backfill.models import Changes, Window, WindowRecord, WindowState
     from backfill.protocol import Processing, Ready
 
-__all__ = ["Api", "ApiCounts", "Changes", "LedgerPort", "StorePort"]
+__all__ = ["Api", "ApiCounts", "LedgerPort", "StorePort"]
 
 
 class ApiCounts(Protocol):
@@ -57,20 +57,6 @@ class Api(Protocol):
     async def status(self, request_id: str, *, window: Window) -> Processing | Ready: ...
 
     async def download(self, url: str, target: Path, *, window: Window, request_id: str) -> int: ...
-
-
-class Changes(TypedDict, total=False):
-    """The columns a move may set beside the state (checked by mypy, not at run time)."""
-
-    request_id: str | None
-    submitted_at: int | None
-    ready_at: int | None
-    error_class: str | None
-    error_message: str | None
-    retryable: bool | None
-    rows: int | None
-    bytes: int | None
-    manifest: str | None
 
 
 class LedgerPort(Protocol):

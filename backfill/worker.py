@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 
     from backfill.budget import Budget, Slot
     from backfill.config import Settings
-    from backfill.models import WindowRecord
+    from backfill.models import Changes, WindowRecord
     from backfill.policy import Estimator, Policy
-    from backfill.ports import Api, Changes, LedgerPort, StorePort
+    from backfill.ports import Api, LedgerPort, StorePort
     from backfill.sizing import Sizes
 
 __all__ = ["Worker"]

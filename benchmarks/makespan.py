@@ -25,6 +25,7 @@ from backfill.config import ApiSettings, AppSettings, OutputSettings, Settings, 
 from backfill.engine import Engine
 from backfill.ledger import Ledger
 from backfill.models import DAY_MS, Window
+from backfill.policy import Policy
 from backfill.protocol import Processing
 from backfill.simulator import AppProfile, SimulatorSettings, serve
 from backfill.store import LocalStore
@@ -59,12 +60,10 @@ async def ours(base: str, root: Path, cap: int, windows: int, seconds: float) ->
             token_env="X",
             max_in_flight=cap,
             calls_per_minute=100_000,
-            poll_initial_s=seconds / 4,
-            poll_min_s=0.05,
-            poll_max_s=seconds,
             conversions_at_once=2,
             downloads_at_once=cap,
         ),
+        policy=Policy(poll_initial_s=seconds / 4, poll_min_s=0.05, poll_max_s=seconds),
         windows=WindowSettings(max_days=1),
         output=OutputSettings(root=root),
         apps=(AppSettings(name=APP.name, api_key=APP.api_key),),
@@ -72,7 +71,7 @@ async def ours(base: str, root: Path, cap: int, windows: int, seconds: float) ->
     ledger = await Ledger.open(settings.ledger_path)
     began = time.perf_counter()
     async with FlurryClient(base_url=base, token=Secret(TOKEN)) as api:
-        engine = Engine(settings=settings, ledger=ledger, writer=LocalStore(root), api=api)
+        engine = Engine(settings=settings, ledger=ledger, store=LocalStore(root), api=api)
         start, end = _range(windows)
         await engine.plan(settings.apps, start, end)
         summary = await engine.run(settings.apps)

@@ -10,6 +10,7 @@ import pyarrow.dataset as ds
 
 from backfill.client import FlurryClient, Secret
 from backfill.config import (
+    POLICY_KEYS,
     ApiSettings,
     AppSettings,
     LedgerSettings,
@@ -19,6 +20,7 @@ from backfill.config import (
 )
 from backfill.engine import Engine
 from backfill.ledger import Ledger
+from backfill.policy import Policy
 from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
 from backfill.store import LocalStore
 from tests.simkit import TOKEN
@@ -76,8 +78,11 @@ def engine_settings(
         "backoff_base_s": 0.01,
         "backoff_cap_s": 0.2,
     }
+    fields = api_fields | api
+    numbers = {k: fields.pop(k) for k in POLICY_KEYS if k in fields}
     return Settings(
-        api=ApiSettings(**(api_fields | api)),
+        api=ApiSettings(**fields),
+        policy=Policy(**numbers),
         windows=WindowSettings(history_days=history_days, lag_hours=24, lookback_days=3),
         output=OutputSettings(root=root),
         ledger=LedgerSettings(path=ledger),
@@ -93,7 +98,7 @@ async def engine(settings: Settings, **kwargs: Any) -> AsyncIterator[Engine]:
             yield Engine(
                 settings=settings,
                 ledger=ledger,
-                writer=LocalStore(settings.output.root),
+                store=LocalStore(settings.output.root),
                 api=api,
                 **kwargs,
             )

@@ -67,3 +67,17 @@ async def test_convert_refuses_a_corrupt_file_with_exit_4(tmp_path: Path) -> Non
         "convert", str(tmp_path / "missing.gz"), "--app", "a", "--out", str(tmp_path / "out")
     )
     assert code == 2 and "no such file" in err
+
+
+def test_every_command_of_the_parser_has_a_handler() -> None:
+    from backfill.cli import HANDLERS
+    from backfill.cli.parser import COMMANDS, build
+
+    assert sorted(c.name for c in COMMANDS) == sorted(HANDLERS)
+    for command in COMMANDS:
+        args = (
+            ["convert", "f", "--app", "a", "--out", "o"]
+            if command.name == "convert"
+            else [command.name]
+        )
+        assert build().parse_args(args).command == command.name

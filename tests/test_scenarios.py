@@ -47,7 +47,7 @@ async def _exact_and_stable(settings: Settings, sim: Any, apps: tuple[Any, ...])
             assert landed(settings.output.root, app.name) == truth(sim, app.name, start, end), (
                 app.name
             )
-        assert await audit.verify(run.ledger, run.writer) == []
+        assert await audit.verify(run.ledger, run.store) == []
         before = {a.name: landed(settings.output.root, a.name) for a in apps}
         await run.plan(settings.apps, start, end)
         again = await run.run(settings.apps)
@@ -174,7 +174,7 @@ async def test_a_full_disk_during_staging_stops_cleanly_and_a_rerun_finishes(
             with pytest.raises(StorageError, match="cannot write under"):
                 await _run(settings)
             async with engine(settings) as run:  # nothing half-written, nothing committed lost
-                assert await audit.verify(run.ledger, run.writer) == [] or not list(
+                assert await audit.verify(run.ledger, run.store) == [] or not list(
                     out.rglob("*.parquet")
                 )
                 committed = [r for r in await run.ledger.windows() if r.state is S.COMMITTED]

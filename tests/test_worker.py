@@ -16,6 +16,7 @@ from backfill.engine import Engine
 from backfill.errors import AuthError
 from backfill.ledger import Ledger
 from backfill.models import WindowState
+from backfill.policy import Policy
 from backfill.protocol import Processing
 from tests.fakes import FakeApi, FakeStore, rate_limited, refused, too_large
 
@@ -29,11 +30,11 @@ START = 20_000 * DAY  # a fixed UTC midnight
 
 
 def _settings(root: Path, **api: Any) -> Settings:
-    fields: dict[str, Any] = {"calls_per_minute": 100_000, "poll_initial_s": 0.001,
-                              "poll_min_s": 0.001, "poll_max_s": 0.01, "backoff_base_s": 0.001,
-                              "backoff_cap_s": 0.01, "max_attempts": 3}  # fmt: skip
+    policy = Policy(poll_initial_s=0.001, poll_min_s=0.001, poll_max_s=0.01, backoff_base_s=0.001,
+                    backoff_cap_s=0.01, max_attempts=3)  # fmt: skip
     return Settings(
-        api=ApiSettings(**(fields | api)),
+        api=ApiSettings(**({"calls_per_minute": 100_000} | api)),
+        policy=policy,
         windows=WindowSettings(history_days=730, lag_hours=24),
         output=OutputSettings(root=root),
         apps=(AppSettings(name="a", api_key="A" * 20), AppSettings(name="b", api_key="B" * 20)),
@@ -61,7 +62,7 @@ async def run(tmp_path: Path) -> AsyncIterator[Run]:
     api, store = FakeApi(), FakeStore(tmp_path / "downloads")
     settings = _settings(tmp_path)
     engine = Engine(
-        settings=settings, ledger=ledger, writer=store, api=api, now_ms=lambda: START + 800 * DAY
+        settings=settings, ledger=ledger, store=store, api=api, now_ms=lambda: START + 800 * DAY
     )
     yield Run(engine, api, store, ledger)
     await ledger.close()
@@ -130,7 +131,7 @@ async def test_requests_processing_never_exceed_the_cap(tmp_path: Path) -> None:
     for day in range(12):
         api.polls[START + day * DAY, START + (day + 1) * DAY] = [Processing(), Processing(), None]
     settings = _settings(tmp_path, max_in_flight=3)
-    engine = Engine(settings=settings, ledger=ledger, writer=store, api=api)
+    engine = Engine(settings=settings, ledger=ledger, store=store, api=api)
     await ledger.learn_size("a", DAY)
     await engine.plan([settings.apps[0]], START, START + 12 * DAY)
     await engine.run([settings.apps[0]])

@@ -1,0 +1,80 @@
+"""The ``backfill`` command line: ``main`` parses the arguments and runs one command.
+
+The package is the edge: ``main`` is the one place that reads ``os.environ`` (handed to the
+commands as ``env``: the config path, the token variable, the crash-test seams) and builds
+sessions, connections and paths for the engine.  Its rooms: ``parser`` (the table of commands),
+``exits`` (the exit codes and their text), ``session`` (config, apps, token, ledger, run lock),
+``runs`` (run, sync, retry, demo), ``inspection`` (plan, status, verify) and ``tools``
+(convert, simulate).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from backfill import logs
+from backfill.cli import exits, inspection, parser, runs, tools
+from backfill.cli.exits import EXIT_CODES
+from backfill.errors import BackfillError, first_of
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+    _Handler = Callable[[argparse.Namespace, Mapping[str, str]], Awaitable[int]]
+
+__all__ = ["EXIT_CODES", "HANDLERS", "main"]
+
+# What runs each command of ``parser.COMMANDS``.
+HANDLERS: dict[str, _Handler] = {
+    "plan": inspection.plan,
+    "run": runs.run,
+    "sync": runs.sync,
+    "retry": runs.retry,
+    "status": inspection.status,
+    "verify": inspection.verify,
+    "convert": tools.convert,
+    "simulate": tools.simulate,
+    "demo": runs.demo,
+}
+
+# The commands that show a live progress table on a terminal.
+_LIVE = ("run", "sync", "retry", "demo")
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    from backfill import crashpoints
+    from backfill.simulator import SimulatorConfigError
+
+    env = os.environ if env is None else env
+    args = parser.build().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    log_format: Any = getattr(args, "log_format", "auto")
+    # On a terminal the live progress table says what info lines would; keep the screen clean.
+    live = log_format == "auto" and sys.stderr.isatty() and args.command in _LIVE
+    logs.configure(fmt=log_format, level="warning" if quiet or live else "info")
+    crashpoints.arm(env.get("BACKFILL_CRASH_AT"))  # the crash tests' seam; unset in real use
+    if counts := env.get("BACKFILL_CRASH_COUNTS"):  # ... and where the sweep learns the steps
+        atexit.register(lambda: Path(counts).write_text(json.dumps(crashpoints.counts())))
+    try:
+        try:
+            return anyio.run(HANDLERS[args.command], args, env)
+        except BaseExceptionGroup as group:  # task groups wrap what ended them
+            found = first_of(group)
+            if found is None:
+                raise
+            raise found from None
+    except SimulatorConfigError as exc:
+        return exits.for_error(exc, usage=True)
+    except BackfillError as exc:
+        return exits.for_error(exc)
+    except KeyboardInterrupt:
+        return exits.EXIT_INTERRUPTED

@@ -1,0 +1,145 @@
+"""The commands that only look: ``plan``, ``status`` and ``verify``.
+
+None of them calls the API or changes the ledger; ``plan`` and ``status`` work before the
+ledger exists (everything NEW, nothing landed), ``verify`` needs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from backfill.cli import session
+from backfill.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from backfill.errors import IntegrityError
+from backfill.models import WindowState, iso
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping, Sequence
+
+    from backfill.audit import AppStatus
+    from backfill.ledger import Ledger
+
+__all__ = ["plan", "print_status", "status", "verify"]
+
+
+async def plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``backfill plan``: the windows of the range per app, with their ledger state."""
+    import zoneinfo
+
+    from backfill import planner
+
+    settings = session.load(args, env)
+    apps = session.chosen(settings, args.app)
+    session.check_order(args)
+    tz = zoneinfo.ZoneInfo(settings.windows.timezone)
+    w = settings.windows
+    now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+    start, end, _ = planner.clamp(
+        now, args.start, args.end, history_days=w.history_days, lag_hours=w.lag_hours, tz=tz
+    )
+    rows: list[dict[str, str]] = []
+    exists = settings.ledger_path.exists()
+    async with contextlib.AsyncExitStack() as stack:
+        ledger = await stack.enter_async_context(session.open_ledger(settings)) if exists else None
+        for app in apps:
+            rows += await _plan_rows(ledger, app.name, start, end, max_days=w.max_days, tz=tz)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    print(f"{'app':20} {'start':22} {'end':22} state")
+    for row in rows:
+        print(f"{row['app']:20} {row['start']:22} {row['end']:22} {row['state']}")
+    todo = sum(1 for r in rows if r["state"] != WindowState.COMMITTED)
+    done = sum(1 for r in rows if r["state"] == WindowState.COMMITTED)
+    print(
+        f"\n{len(rows)} windows: {done} already committed; "
+        f"a run would submit at least {todo} requests"
+    )
+    return EXIT_OK
+
+
+async def _plan_rows(
+    ledger: Ledger | None, app: str, start: int, end: int, *, max_days: int, tz: dt.tzinfo
+) -> list[dict[str, str]]:
+    """One app's windows in ``[start, end)``: those in the ledger, and its gaps planned NEW."""
+    from backfill import planner
+
+    records = await ledger.windows(apps=[app]) if ledger else []
+    live = [
+        r
+        for r in records
+        if r.state is not WindowState.SPLIT and r.window.end > start and r.window.start < end
+    ]
+    learned = await ledger.learned_size(app) if ledger else None
+    size = planner.planned_size(max_days, learned)
+    items = [(r.window.start, r.window.end, str(r.state)) for r in live]
+    for lo, hi in planner.gaps([(r.window.start, r.window.end) for r in live], start, end):
+        items += [(x.start, x.end, "NEW") for x in planner.plan(app, lo, hi, size_ms=size, tz=tz)]
+    return [
+        {"app": app, "start": iso(a), "end": iso(b), "state": state}
+        for a, b, state in sorted(items)
+    ]
+
+
+async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``backfill status``: coverage per app, as a table or ``--json``."""
+    from backfill import audit
+
+    settings = session.load(args, env)
+    apps = session.chosen(settings, args.app)
+    if not settings.ledger_path.exists():
+        report: list[AppStatus] = []
+    else:
+        async with session.open_ledger(settings) as ledger:
+            report = await audit.status(ledger, [a.name for a in apps])
+    if args.json:
+        print(json.dumps([r.to_json() for r in report], indent=1))
+        return EXIT_OK
+    print_status(report)
+    return EXIT_OK
+
+
+def print_status(report: Sequence[AppStatus]) -> None:
+    """The status table (``status`` and ``demo``): one line per app, then its gaps and errors."""
+    if not report:
+        print("nothing in the ledger yet: run `backfill run` first")
+        return
+    print(
+        f"{'app':18} {'committed':>9} {'failed':>6} {'pending':>7} {'split':>5} "
+        f"{'rows':>12} {'bytes':>14}  days covered"
+    )
+    for r in report:
+        span = f"{r.first_day} .. {r.last_day}" if r.first_day else "-"
+        print(
+            f"{r.app:18} {r.committed:>9} {r.failed:>6} {r.pending:>7} {r.split:>5} "
+            f"{r.rows:>12,} {r.bytes:>14,}  {span}"
+        )
+        for a, b in r.gaps[:5]:
+            print(f"{'':18} gap: {a} .. {b}")
+        for window, error in r.errors[:5]:
+            print(f"{'':18} failed {window}: {error}")
+
+
+async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``backfill verify``: every committed window's files against its manifest; exit 5 if not."""
+    from backfill import audit
+    from backfill.store import LocalStore
+
+    settings = session.load(args, env)
+    if not settings.ledger_path.exists():
+        raise IntegrityError(f"{settings.ledger_path}: no ledger to verify against")
+    async with session.open_ledger(settings) as ledger:
+        problems = await audit.verify(ledger, LocalStore(settings.output.root))
+        committed = len(await ledger.windows(states=[WindowState.COMMITTED]))
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        print(f"{len(problems)} problem{'s' * (len(problems) != 1)} found", file=sys.stderr)
+        return EXIT_INTEGRITY
+    print(f"verified {committed} committed windows: every file matches its manifest, no orphan")
+    return EXIT_OK

@@ -1,0 +1,253 @@
+"""The ``backfill`` argument parser, built from a table of commands.
+
+``COMMANDS`` holds one frozen ``Command`` per subcommand: its name, help texts, example, the
+shared option groups it takes (``GROUPS``) and its own arguments.  ``build()`` is one loop over
+that table; the order of the table is the order of ``backfill --help``, and within a command the
+groups come first, in the order given, then its own arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backfill import __version__
+from backfill.cli.exits import EXIT_CODES
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["COMMANDS", "GROUPS", "Arg", "Command", "Group", "build"]
+
+
+def _iso_instant(text: str) -> int:
+    """``2026-01-01`` or ``2026-01-01T06:00[+02:00]`` as epoch ms; UTC unless a zone is given."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO date or datetime (e.g. 2026-01-31)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Arg:
+    """One ``add_argument`` call: its flags (or positional name) and its keyword options."""
+
+    flags: tuple[str, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags=flags, options=options)
+
+
+class Group(StrEnum):
+    """The option groups commands share."""
+
+    BASE = "base"  # --config, --log-format, --quiet
+    APPS = "apps"  # --app
+    SPAN = "span"  # --start, --end
+    TUNING = "tuning"  # --format, --max-in-flight
+    JSON = "json"  # --json
+
+
+_LOG_FORMATS = ["auto", "console", "json"]
+
+GROUPS: dict[Group, tuple[Arg, ...]] = {
+    Group.BASE: (
+        _arg(
+            "--config",
+            type=Path,
+            help="the TOML config (default: $BACKFILL_CONFIG, else config/backfill.toml)",
+        ),
+        _arg(
+            "--log-format",
+            choices=_LOG_FORMATS,
+            default="auto",
+            help="log lines for people (console) or machines (json); auto: console on a terminal",
+        ),
+        _arg("--quiet", action="store_true", help="only warnings and errors"),
+        _arg("--progress-interval", type=float, default=10.0, help=argparse.SUPPRESS),
+    ),
+    Group.APPS: (
+        _arg(
+            "--app",
+            action="append",
+            metavar="NAME",
+            help="only this app (repeatable; default: every app)",
+        ),
+    ),
+    Group.SPAN: (
+        _arg(
+            "--start",
+            type=_iso_instant,
+            help="ISO date/datetime, inclusive (default: 2 years ago)",
+        ),
+        _arg(
+            "--end",
+            type=_iso_instant,
+            help="ISO date/datetime, exclusive (default: today less the lag)",
+        ),
+    ),
+    Group.TUNING: (
+        _arg("--format", choices=["JSON", "CSV"], help="the download format to ask Flurry for"),
+        _arg(
+            "--max-in-flight", type=int, metavar="N", help="requests processing at Flurry at once"
+        ),
+    ),
+    Group.JSON: (_arg("--json", action="store_true", help="print JSON instead of a table"),),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command:
+    """One subcommand as ``--help`` shows it: texts, shared groups, its own arguments."""
+
+    name: str
+    summary: str  # the one line in ``backfill --help``
+    description: str
+    example: str
+    groups: tuple[Group, ...] = ()
+    args: tuple[Arg, ...] = ()
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        name="plan",
+        summary="show the windows a run would request (dry run, no API call)",
+        description="Show, per app, the windows of the range with their ledger state (NEW when "
+        "not yet planned), and how many requests a run would submit.  Changes nothing.",
+        example="backfill plan --start 2026-01-01 --end 2026-02-01 --json",
+        groups=(Group.BASE, Group.APPS, Group.SPAN, Group.JSON),
+    ),
+    Command(
+        name="run",
+        summary="historical backfill over --start/--end (default: the whole horizon)",
+        description="Plan the range into windows of at most 30 days, then submit, poll, split, "
+        "download and commit them.  Safe to interrupt and run again: committed windows are "
+        "kept, requests still processing at Flurry are picked up again, nothing is duplicated.",
+        example="backfill run --start 2025-01-01 --end 2026-01-01 --app puzzle-quest",
+        groups=(Group.BASE, Group.APPS, Group.SPAN, Group.TUNING),
+    ),
+    Command(
+        name="sync",
+        summary="nightly incremental pull from each app's watermark",
+        description="Pull each app from the end of its contiguous committed history (less "
+        "[windows].lookback_days, re-pulled for late data) up to today less the lag.  Run it "
+        "from cron or a systemd timer.",
+        example="backfill sync --config /etc/backfill.toml",
+        groups=(Group.BASE, Group.APPS, Group.TUNING),
+    ),
+    Command(
+        name="retry",
+        summary="run the FAILED windows again",
+        description="Send every FAILED window (of the chosen apps) back to the queue and run them.",
+        example="backfill retry --app puzzle-quest",
+        groups=(Group.BASE, Group.APPS, Group.TUNING),
+    ),
+    Command(
+        name="status",
+        summary="coverage per app: windows, rows, bytes, gaps, failures",
+        description="Per app: windows committed/failed/pending/split, rows and bytes landed, "
+        "the first and last day covered, the gaps, and each failed window's last error.",
+        example="backfill status --json",
+        groups=(Group.BASE, Group.APPS, Group.JSON),
+    ),
+    Command(
+        name="verify",
+        summary="check the output against the manifests and the ledger",
+        description="Check every committed window's files against its manifest (present, size, "
+        "sha256, row count), that no file outside a committed attempt is visible, and that "
+        "windows do not overlap.  Exit 5 and name each problem if anything is wrong.",
+        example="backfill verify",
+        groups=(Group.BASE,),
+    ),
+    Command(
+        name="convert",
+        summary="convert a file downloaded by hand into the Parquet layout",
+        description="Convert one raw-data file that you downloaded yourself (JSON or CSV; gzip, "
+        "zip or plain, read from the content) into events/app=NAME/dt=YYYY-MM-DD/"
+        "*.parquet under --out, with a manifest.  Converting the same file again "
+        "replaces its earlier output.",
+        example="backfill convert ~/Downloads/rawdata.csv.gz --app puzzle-quest --out data/flurry",
+        args=(
+            _arg("file", type=Path, help="the downloaded file"),
+            _arg("--app", required=True, help="the app name: the partition value app=NAME"),
+            _arg("--out", type=Path, required=True, help="the output root"),
+            _arg(
+                "--on-bad-rows",
+                choices=["fail", "quarantine"],
+                default="fail",
+                help="fail on the first row that breaks the schema (default), or set such rows "
+                "aside in OUT/_rejects/",
+            ),
+        ),
+    ),
+    Command(
+        name="simulate",
+        summary="serve the built-in Flurry API simulator",
+        description="Serve the built-in Flurry Data Download API simulator on loopback, "
+        "configured by the [simulator] table of a config file (default: the demo's).",
+        example="backfill simulate --port 8080  # token: [simulator].token of config/demo.toml",
+        args=(
+            _arg(
+                "--config",
+                type=Path,
+                help="TOML file with a [simulator] table (default: the demo's)",
+            ),
+            _arg("--host", default="127.0.0.1", help="address to bind (default: %(default)s)"),
+            _arg(
+                "--port",
+                type=int,
+                default=8080,
+                help="port, 0 for any free one (default: %(default)s)",
+            ),
+            _arg("--log-file", type=Path, help="append every API call as a JSON line here"),
+        ),
+    ),
+    Command(
+        name="demo",
+        summary="simulator + two-year backfill + status, in one command",
+        description="Start the simulator in-process on a free port, backfill two years of the "
+        "three demo apps into data/demo/, print their status and a DuckDB query to try.",
+        example="backfill demo",
+        args=(
+            _arg("--config", type=Path, help="the demo config (default: the one shipped)"),
+            _arg("--log-format", choices=_LOG_FORMATS, default="auto", help=argparse.SUPPRESS),
+            _arg("--quiet", action="store_true", help="only the final status"),
+        ),
+    ),
+)
+
+
+def build() -> argparse.ArgumentParser:
+    """The parser of ``backfill``: one subparser per entry of ``COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog="backfill",
+        description="Pull raw analytics data out of Flurry's Data Download API into "
+        "hive-partitioned Parquet, resumably: a ledger records every window, so a run can be "
+        "killed at any moment and started again with nothing lost and nothing duplicated.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"backfill {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.summary,
+            description=command.description,
+            epilog=f"example:\n  {command.example}\n\n{EXIT_CODES}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for arg in [a for g in command.groups for a in GROUPS[g]] + list(command.args):
+            sub.add_argument(*arg.flags, **arg.options)
+    return parser

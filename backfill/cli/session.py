@@ -1,0 +1,141 @@
+"""The set-up shared by the commands: the config, the chosen apps, the token, the ledger, the lock.
+
+The commands see the environment only as the ``env`` that ``main`` hands them; here it gives
+the config path (``BACKFILL_CONFIG``) and the token variable the config names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backfill import config, logs
+from backfill.errors import ConfigError, IntegrityError
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import AsyncIterator, Iterator, Mapping
+
+    from backfill.config import AppSettings, Settings
+    from backfill.ledger import Ledger
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "check_order",
+    "chosen",
+    "day",
+    "demo_config",
+    "exclusive",
+    "load",
+    "open_ledger",
+    "prologue",
+]
+
+DEFAULT_CONFIG = Path("config/backfill.toml")
+
+
+def demo_config() -> Path:
+    """The demo's config file, shipped inside the package (``config/demo.toml`` links to it)."""
+    return Path(str(resources.files("backfill.simulator").joinpath("demo.toml")))
+
+
+def load(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """The config of ``--config`` (else ``$BACKFILL_CONFIG``, else the default) with the
+    command-line overrides (``--format``, ``--max-in-flight``); its warnings go to stderr."""
+    path = args.config or Path(env.get("BACKFILL_CONFIG") or DEFAULT_CONFIG)
+    settings = config.load(path)
+    changes: dict[str, Any] = {}
+    if getattr(args, "format", None):
+        changes["format"] = args.format
+    if getattr(args, "max_in_flight", None) is not None:
+        if args.max_in_flight < 1:
+            raise ConfigError(f"--max-in-flight {args.max_in_flight}: expected at least 1")
+        changes["max_in_flight"] = args.max_in_flight
+    if changes:
+        settings = config.replace_api(settings, **changes)
+    for warning in settings.warnings:
+        print(f"backfill: warning: {warning}", file=sys.stderr)
+    return settings
+
+
+def chosen(settings: Settings, names: list[str] | None) -> list[AppSettings]:
+    """The apps named by ``--app`` (all of them when none is); an unknown name is refused."""
+    if not names:
+        return list(settings.apps)
+    known = [a.name for a in settings.apps]
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"--app {name!r}: not an app of {settings.source} (apps: {', '.join(known)})"
+            )
+    return [a for a in settings.apps if a.name in names]
+
+
+def prologue(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[Settings, list[AppSettings], str]:
+    """The config, the chosen apps and the token (registered for redaction) of a command."""
+    settings = load(args, env)
+    apps = chosen(settings, args.app)
+    token = config.read_token(settings, env)
+    logs.register_secret(token)
+    return settings, apps, token
+
+
+def check_order(args: argparse.Namespace) -> None:
+    """``--end`` after ``--start`` when both are given, or ``ConfigError``."""
+    if args.start is not None and args.end is not None and args.end <= args.start:
+        raise ConfigError(f"--end must be after --start (got {day(args.start)} .. {day(args.end)})")
+
+
+def day(ms: int) -> str:
+    """An epoch-ms instant as the ISO text the messages show."""
+    from backfill.models import iso
+
+    return iso(ms)
+
+
+@contextlib.contextmanager
+def exclusive(settings: Settings) -> Iterator[None]:
+    """One run per ledger: a second one refuses clearly instead of sharing windows.
+
+    The lock is an ``flock`` on ``{ledger}.lock``, which holds the pid of the run holding it;
+    the kernel releases it when that process dies, so a killed run never leaves it stale.
+    """
+    path = settings.ledger_path.with_name(settings.ledger_path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise IntegrityError(
+                f"{settings.ledger_path}: another backfill run (pid {holder}) is using this "
+                "ledger; wait for it or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
+    """The ledger of ``settings``, closed on the way out."""
+    from backfill.ledger import Ledger
+
+    ledger = await Ledger.open(settings.ledger_path)
+    try:
+        yield ledger
+    finally:
+        await ledger.close()
