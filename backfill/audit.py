@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
@@ -12,10 +12,10 @@ from backfill.models import UNFINISHED, WindowState, iso
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from backfill.ledger import Ledger
+    from backfill.models import WindowRecord
     from backfill.ports import LedgerPort, StorePort
 
-__all__ = ["AppStatus", "outcome_of_range", "status", "verify"]
+__all__ = ["AppCoverage", "AppStatus", "coverage", "outcome_of_range", "status", "verify"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,14 +52,60 @@ class AppStatus:
         }
 
 
-async def status(ledger: Ledger, apps: Iterable[str]) -> list[AppStatus]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppCoverage:
+    """What the ledger holds for one app."""
+
+    app: str
+    states: dict[str, int] = field(default_factory=dict)
+    rows: int = 0
+    bytes: int = 0
+    first_ms: int | None = None  # start of the earliest committed window
+    last_ms: int | None = None  # end of the latest committed window
+    gaps: tuple[tuple[int, int], ...] = ()  # planned ranges not committed, merged
+
+
+def coverage(records: Iterable[WindowRecord]) -> list[AppCoverage]:
+    """Per app: windows by state, rows and bytes landed, committed span and the gaps."""
+    by_app: dict[str, list[WindowRecord]] = {}
+    for record in records:
+        by_app.setdefault(record.window.app, []).append(record)
+    result = []
+    for app, group in sorted(by_app.items()):
+        states: dict[str, int] = {}
+        for r in group:
+            states[r.state] = states.get(r.state, 0) + 1
+        leaves = [r for r in group if r.state is not WindowState.SPLIT]
+        done = [r for r in leaves if r.committed_attempt is not None]
+        holes: list[tuple[int, int]] = []
+        for r in leaves:
+            if r.committed_attempt is None:
+                if holes and holes[-1][1] == r.window.start:
+                    holes[-1] = (holes[-1][0], r.window.end)
+                else:
+                    holes.append((r.window.start, r.window.end))
+        result.append(
+            AppCoverage(
+                app=app,
+                states=states,
+                rows=sum(r.rows or 0 for r in done),
+                bytes=sum(r.bytes or 0 for r in done),
+                first_ms=min((r.window.start for r in done), default=None),
+                last_ms=max((r.window.end for r in done), default=None),
+                gaps=tuple(holes),
+            )
+        )
+    return result
+
+
+async def status(ledger: LedgerPort, apps: Iterable[str]) -> list[AppStatus]:
     """Per app: windows by state, rows and bytes landed, the days covered, gaps and failures."""
     names = list(apps)
-    coverage = {c.app: c for c in await ledger.coverage(names)}
-    failed = await ledger.failed(names)
+    covered = {c.app: c for c in coverage(await ledger.windows(apps=names))}
+    failed = await ledger.windows(apps=names, states=[WindowState.FAILED])
     out = []
     for name in names:
-        c = coverage.get(name)
+        c = covered.get(name)
         states = c.states if c else {}
         unfinished = sum(n for s, n in states.items() if s not in ("COMMITTED", "FAILED", "SPLIT"))
         out.append(

@@ -18,7 +18,6 @@ import datetime as dt
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +26,14 @@ import anyio.to_thread
 
 from backfill import crashpoints, planner
 from backfill.errors import LedgerError, StaleAttemptError
+from backfill.ledger_schema import (
+    COLUMNS,
+    MIGRATIONS,
+    UPDATABLE,
+    RecordedSettings,
+    record_of,
+    settings_of,
+)
 from backfill.models import (
     UNFINISHED,
     Window,
@@ -38,123 +45,13 @@ from backfill.models import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from pathlib import Path
+    from typing import Unpack
 
     from backfill.models import Changes
 
-__all__ = ["AppCoverage", "Ledger", "RecordedSettings"]
+__all__ = ["Ledger", "RecordedSettings"]
 
 T = TypeVar("T")
-
-_MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE windows (
-        id                INTEGER PRIMARY KEY,
-        app               TEXT    NOT NULL,
-        start_ms          INTEGER NOT NULL,
-        end_ms            INTEGER NOT NULL CHECK (end_ms > start_ms),
-        state             TEXT    NOT NULL,
-        attempt           INTEGER NOT NULL DEFAULT 0,
-        parent_id         INTEGER REFERENCES windows (id),
-        request_id        TEXT,
-        submitted_at      INTEGER,
-        ready_at          INTEGER,
-        error_class       TEXT,
-        error_message     TEXT,
-        retryable         INTEGER,
-        rows              INTEGER,
-        bytes             INTEGER,
-        manifest          TEXT,
-        committed_attempt INTEGER,
-        created_at        INTEGER NOT NULL,
-        updated_at        INTEGER NOT NULL
-    );
-    CREATE INDEX windows_by_app ON windows (app, start_ms);
-    CREATE INDEX windows_by_state ON windows (state);
-    CREATE TABLE app_sizes (
-        app        TEXT PRIMARY KEY,
-        size_ms    INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
-    """,
-    # 2: replacement by range, and the settings each app's rows were pulled with.
-    """
-    ALTER TABLE windows ADD COLUMN replaces INTEGER REFERENCES windows (id);
-    CREATE INDEX windows_by_replaces ON windows (replaces);
-    CREATE TABLE app_settings (
-        app          TEXT PRIMARY KEY,
-        api_key      TEXT NOT NULL,
-        app_versions TEXT NOT NULL,
-        event_ids    TEXT NOT NULL,
-        updated_at   INTEGER NOT NULL
-    );
-    """,
-)
-
-_COLUMNS = (
-    "id, app, start_ms, end_ms, state, attempt, parent_id, request_id, submitted_at, ready_at, "
-    "error_class, error_message, retryable, rows, bytes, manifest, committed_attempt, "
-    "created_at, updated_at, replaces"
-)
-_UPDATABLE = frozenset(
-    {"request_id", "submitted_at", "ready_at", "error_class", "error_message", "retryable",
-     "rows", "bytes", "manifest", "committed_attempt"}
-)  # fmt: skip
-
-
-def _record(row: sqlite3.Row) -> WindowRecord:
-    retryable = row["retryable"]
-    return WindowRecord(
-        id=row["id"],
-        window=Window(app=row["app"], start=row["start_ms"], end=row["end_ms"]),
-        state=WindowState(row["state"]),
-        attempt=row["attempt"],
-        parent_id=row["parent_id"],
-        request_id=row["request_id"],
-        submitted_at=row["submitted_at"],
-        ready_at=row["ready_at"],
-        error_class=row["error_class"],
-        error_message=row["error_message"],
-        retryable=None if retryable is None else bool(retryable),
-        rows=row["rows"],
-        bytes=row["bytes"],
-        manifest=row["manifest"],
-        committed_attempt=row["committed_attempt"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        replaces=row["replaces"],
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AppCoverage:
-    """What the ledger holds for one app."""
-
-    app: str
-    states: dict[str, int] = field(default_factory=dict)
-    rows: int = 0
-    bytes: int = 0
-    first_ms: int | None = None  # start of the earliest committed window
-    last_ms: int | None = None  # end of the latest committed window
-    gaps: tuple[tuple[int, int], ...] = ()  # planned ranges not committed, merged
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecordedSettings:
-    """What shapes an app's rows: the app's key and the filters it was pulled with."""
-
-    app: str
-    api_key: str
-    app_versions: tuple[str, ...] = ()
-    event_ids: tuple[str, ...] = ()
-
-
-def _recorded(row: sqlite3.Row) -> RecordedSettings:
-    def items(text: str) -> tuple[str, ...]:
-        return tuple(filter(None, text.split(",")))
-
-    return RecordedSettings(app=row["app"], api_key=row["api_key"],
-                            app_versions=items(row["app_versions"]),
-                            event_ids=items(row["event_ids"]))  # fmt: skip
 
 
 class Ledger:
@@ -185,12 +82,12 @@ class Ledger:
             db.execute("PRAGMA synchronous = FULL")
             db.execute("PRAGMA foreign_keys = ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(_MIGRATIONS):
+            if version > len(MIGRATIONS):
                 raise LedgerError(
                     f"{path}: ledger schema version {version} is newer than this backfill "
-                    f"knows ({len(_MIGRATIONS)}); upgrade backfill"
+                    f"knows ({len(MIGRATIONS)}); upgrade backfill"
                 )
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 db.execute("BEGIN IMMEDIATE")
                 # executescript would commit on its own; run statement by statement instead.
                 for statement in filter(str.strip, script.split(";")):
@@ -294,16 +191,17 @@ class Ledger:
     # -- compare-and-set moves -------------------------------------------------------------
 
     async def advance(
-        self, record: WindowRecord, target: WindowState, **updates: Any
+        self, record: WindowRecord, target: WindowState, **updates: Unpack[Changes]
     ) -> WindowRecord:
         """Move ``record`` to ``target`` in the same attempt; raises ``StaleAttemptError``."""
         advance(record.state, target)
         return await self._run(self._write, self._move, record, target, record.attempt, updates)
 
-    async def retry(self, record: WindowRecord, **updates: Any) -> WindowRecord:
+    async def retry(self, record: WindowRecord, **updates: Unpack[Changes]) -> WindowRecord:
         """Back to ``PENDING`` with ``attempt + 1``, the request forgotten."""
         advance(record.state, WindowState.PENDING)
-        updates = {"request_id": None, "submitted_at": None, "ready_at": None} | updates
+        forget: Changes = {"request_id": None, "submitted_at": None, "ready_at": None}
+        updates = forget | updates
         return await self._run(
             self._write, self._move, record, WindowState.PENDING, record.attempt + 1, updates
         )
@@ -311,7 +209,7 @@ class Ledger:
     def _move(
         self, record: WindowRecord, target: WindowState, attempt: int, updates: dict[str, Any]
     ) -> WindowRecord:
-        unknown = set(updates) - _UPDATABLE
+        unknown = set(updates) - UPDATABLE
         if unknown:
             raise ValueError(f"not ledger columns: {sorted(unknown)}")
         if target is WindowState.COMMITTED:
@@ -417,7 +315,7 @@ class Ledger:
         """The settings ``app``'s committed rows were pulled with, if recorded."""
         sql = "SELECT app, api_key, app_versions, event_ids FROM app_settings WHERE app = ?"
         row = await self._run(self._fetchone, sql, (app,))
-        return None if row is None else _recorded(row)
+        return None if row is None else settings_of(row)
 
     async def app_with_key(self, api_key: str) -> str | None:
         """The app recorded with ``api_key``, if any."""
@@ -460,8 +358,8 @@ class Ledger:
         return row
 
     def _select(self, where: str = "1 = 1", params: tuple[Any, ...] = ()) -> list[WindowRecord]:
-        sql = f"SELECT {_COLUMNS} FROM windows WHERE {where} ORDER BY app, start_ms, id"
-        return [_record(r) for r in self._db.execute(sql, params).fetchall()]
+        sql = f"SELECT {COLUMNS} FROM windows WHERE {where} ORDER BY app, start_ms, id"
+        return [record_of(r) for r in self._db.execute(sql, params).fetchall()]
 
     def _get(self, window_id: int) -> WindowRecord:
         found = self._select("id = ?", (window_id,))
@@ -512,36 +410,3 @@ class Ledger:
             for r in leaves
             if r.state is not WindowState.SPLIT
         )
-
-    async def coverage(self, apps: Iterable[str] | None = None) -> list[AppCoverage]:
-        """Per app: windows by state, rows and bytes landed, committed span and the gaps."""
-        records = await self.windows(apps=apps)
-        by_app: dict[str, list[WindowRecord]] = {}
-        for record in records:
-            by_app.setdefault(record.window.app, []).append(record)
-        result = []
-        for app, group in sorted(by_app.items()):
-            states: dict[str, int] = {}
-            for r in group:
-                states[r.state] = states.get(r.state, 0) + 1
-            leaves = [r for r in group if r.state is not WindowState.SPLIT]
-            done = [r for r in leaves if r.committed_attempt is not None]
-            holes: list[tuple[int, int]] = []
-            for r in leaves:
-                if r.committed_attempt is None:
-                    if holes and holes[-1][1] == r.window.start:
-                        holes[-1] = (holes[-1][0], r.window.end)
-                    else:
-                        holes.append((r.window.start, r.window.end))
-            result.append(
-                AppCoverage(
-                    app=app,
-                    states=states,
-                    rows=sum(r.rows or 0 for r in done),
-                    bytes=sum(r.bytes or 0 for r in done),
-                    first_ms=min((r.window.start for r in done), default=None),
-                    last_ms=max((r.window.end for r in done), default=None),
-                    gaps=tuple(holes),
-                )
-            )
-        return result

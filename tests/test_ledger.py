@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from backfill import planner
+from backfill import audit, planner
 from backfill.errors import IllegalTransitionError, LedgerError, StaleAttemptError
 from backfill.ledger import Ledger
 from backfill.models import (
@@ -91,7 +91,7 @@ async def test_moves_are_compare_and_set_on_window_and_attempt(tmp_path: Path) -
     with pytest.raises(IllegalTransitionError):
         await ledger.advance(retried, S.COMMITTED)
     with pytest.raises(ValueError, match="not ledger columns"):
-        await ledger.advance(retried, S.SUBMITTED, link="https://secret")
+        await ledger.advance(retried, S.SUBMITTED, link="https://secret")  # type: ignore[call-arg]  # not a column, on purpose
 
 
 async def test_committing_records_the_committed_attempt(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ async def test_queries_for_the_engine_and_the_cli(tmp_path: Path) -> None:
     assert [r.id for r in await ledger.claimable(apps=["a"])] == [a[1].id]
     assert await ledger.watermark("a") == T0 + DAY_MS
     assert await ledger.watermark("b") is None
-    coverage = {c.app: c for c in await ledger.coverage()}
+    coverage = {c.app: c for c in audit.coverage(await ledger.windows())}
     assert coverage["a"].states == {"COMMITTED": 1, "PENDING": 1, "SUBMITTED": 1, "FAILED": 1}
     assert (coverage["a"].rows, coverage["a"].bytes) == (100, 2048)
     assert (coverage["a"].first_ms, coverage["a"].last_ms) == (T0, T0 + DAY_MS)
