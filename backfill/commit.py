@@ -1,12 +1,19 @@
-"""The commit protocol: a DOWNLOADED window becomes COMMITTED, and recovery after a kill.
+"""The commit protocol: DOWNLOADED windows become COMMITTED, and recovery after a kill.
 
-Theory of operation.  ``land`` stages the download as Parquet (off the event loop), moves the
-window to STAGED, publishes (manifest first, then the files), moves it to COMMITTED, and only then
-removes the files of the attempt committed before, if any.  The publish and the ledger's
-COMMITTED run shielded from cancellation, so an interrupt cannot split them; a kill between them
-is finished by ``recover``, which every run calls before any window moves: it completes or
-discards what the ledger shows between staging and COMMITTED, then sweeps every file that belongs
-to no committed attempt.  Only the ports are used: any ledger, any store.
+Theory of operation.  ``land`` stages one window's download as Parquet (off the event loop),
+moves it to STAGED, publishes (manifest first, then the files), moves it to COMMITTED, and only
+then removes the files of the attempt committed before, if any.  ``land_group`` does the same
+for the windows that replace one committed range together (the children of a committed window
+split when it was pulled again, ``WindowRecord.replaces``): it stages every one of them, writes
+every manifest, moves every file, then commits them all and retires the old range in ONE ledger
+transaction, then removes the old files.  Readers see the old range or the new one, and both
+together only for the moments of the swap.  A re-pull with fewer rows than ``min_share`` of
+what it replaces raises ``ShrinkError`` and changes nothing.
+
+Publishing and the ledger's COMMITTED run shielded from cancellation, so an interrupt cannot
+split them; a kill between them is finished (or undone) by ``recover``, which every run calls
+before any window moves, and which then sweeps every file that belongs to no live attempt.
+Only the ports are used: any ledger, any store.
 """
 
 from __future__ import annotations
@@ -17,47 +24,137 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from backfill.errors import StorageError
+from backfill.errors import ShrinkError, StorageError
 from backfill.models import WindowRecord, WindowState
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from backfill.manifest import Manifest
+    from backfill.models import Changes
     from backfill.ports import LedgerPort, StorePort
 
-__all__ = ["Recovery", "land", "recover"]
+__all__ = ["Recovery", "land", "land_group", "recover"]
+
+S = WindowState
+
+
+async def _stage(store: StorePort, record: WindowRecord, source: Path) -> Manifest:
+    window = record.window
+    return await anyio.to_thread.run_sync(
+        lambda: store.stage(app=window.app, window_id=record.id, attempt=record.attempt,
+                            start_ms=window.start, end_ms=window.end, source=source)
+    )  # fmt: skip
+
+
+def _check_share(rows: int, before: int | None, min_share: float, what: str) -> None:
+    if before and rows < min_share * before:
+        raise ShrinkError(
+            f"{what} has {rows:,} rows where the attempt it replaces has {before:,} (under "
+            f"{min_share:.0%}): held as FAILED; if the data really shrank, run `backfill refresh "
+            "--accept-shrink` for this range"
+        )
 
 
 async def land(
-    ledger: LedgerPort, store: StorePort, record: WindowRecord, source: Path
+    ledger: LedgerPort,
+    store: StorePort,
+    record: WindowRecord,
+    source: Path,
+    *,
+    min_share: float = 0.0,
 ) -> WindowRecord:
     """Convert a DOWNLOADED window's file, publish it and mark it COMMITTED.
 
-    Stage (off the event loop) → STAGED → publish (manifest first, then the files) → COMMITTED
-    → only then remove the files of the attempt committed before, if any.  The publish and the
-    ledger's COMMITTED run shielded from cancellation, so an interrupt cannot split them;
-    a crash between them is finished by ``recover``.
+    Raises ``BadDataError`` (an unusable download), ``ShrinkError`` (a re-pull under
+    ``min_share`` of the rows it replaces) with nothing published, or ``StorageError``.
     """
-    window = record.window
     try:
-        manifest = await anyio.to_thread.run_sync(
-            lambda: store.stage(
-                app=window.app,
-                window_id=record.id,
-                attempt=record.attempt,
-                start_ms=window.start,
-                end_ms=window.end,
-                source=source,
-            )
-        )
+        manifest = await _stage(store, record, source)
+        before = record.rows if record.committed_attempt is not None else None
+        try:
+            _check_share(manifest.rows, before, min_share, "the re-pull")
+        except ShrinkError:
+            await anyio.to_thread.run_sync(store.remove, manifest)
+            raise
         with anyio.CancelScope(shield=True):
-            record = await ledger.advance(record, WindowState.STAGED)
+            record = await ledger.advance(record, S.STAGED)
             path = await anyio.to_thread.run_sync(store.publish, manifest)
             record = await _commit(ledger, store, record, manifest, path)
     except OSError as exc:  # disk full, permissions: no window can land until it is fixed
         raise StorageError(f"cannot write under {store.root}: {exc.strerror or exc}") from exc
     return record
+
+
+async def land_group(
+    ledger: LedgerPort,
+    store: StorePort,
+    root: WindowRecord,
+    members: Sequence[tuple[WindowRecord, Path]],
+    *,
+    min_share: float = 0.0,
+) -> list[WindowRecord]:
+    """Land every DOWNLOADED window replacing ``root``'s range, and retire ``root`` at once.
+
+    A member whose download is unusable raises its error with the member's record attached
+    (``error.record``); nothing is published then, and the others stay DOWNLOADED.
+    """
+    manifests: list[Manifest] = []
+    try:
+        for record, source in members:
+            try:
+                manifests.append(await _stage(store, record, source))
+            except Exception as exc:
+                exc.record = record  # type: ignore[attr-defined]  # which member it was
+                raise
+        rows = sum(m.rows for m in manifests)
+        _check_share(rows, root.rows, min_share, f"the re-pull of {root.window.label}")
+    except BaseException:
+        for manifest in manifests:
+            await anyio.to_thread.run_sync(store.remove, manifest)
+        raise
+    records = [r for r, _ in members]
+    try:
+        with anyio.CancelScope(shield=True):
+            committed = await _swap(ledger, store, root, records, manifests)
+    except OSError as exc:
+        raise StorageError(f"cannot write under {store.root}: {exc.strerror or exc}") from exc
+    return committed
+
+
+async def _swap(
+    ledger: LedgerPort,
+    store: StorePort,
+    root: WindowRecord,
+    records: list[WindowRecord],
+    manifests: list[Manifest],
+) -> list[WindowRecord]:
+    staged = [await ledger.advance(r, S.STAGED) for r in records]
+    paths = [await anyio.to_thread.run_sync(store.intend, m) for m in manifests]
+    for manifest in manifests:
+        await anyio.to_thread.run_sync(store.finish, manifest)
+    return await _commit_group(ledger, store, root, staged, manifests, paths)
+
+
+async def _commit_group(
+    ledger: LedgerPort,
+    store: StorePort,
+    root: WindowRecord,
+    staged: list[WindowRecord],
+    manifests: list[Manifest],
+    paths: list[Path],
+) -> list[WindowRecord]:
+    changes: list[tuple[WindowRecord, Changes]] = [
+        (r, {"rows": m.rows, "bytes": m.size, "manifest": str(p)})
+        for r, m, p in zip(staged, manifests, paths, strict=True)
+    ]
+    committed = await ledger.commit_group(root, changes)
+    if root.committed_attempt is not None:
+        await anyio.to_thread.run_sync(
+            _remove_attempt, store, root.window.app, root.id, root.committed_attempt
+        )
+    return committed
 
 
 async def _commit(
@@ -66,7 +163,7 @@ async def _commit(
     """STAGED → COMMITTED for a published manifest, then drop the attempt committed before."""
     previous = record.committed_attempt
     record = await ledger.advance(
-        record, WindowState.COMMITTED, rows=manifest.rows, bytes=manifest.size, manifest=str(path)
+        record, S.COMMITTED, rows=manifest.rows, bytes=manifest.size, manifest=str(path)
     )
     if previous is not None and previous != record.attempt:
         await anyio.to_thread.run_sync(
@@ -91,28 +188,20 @@ class Recovery:
 
 
 async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
-    """Finish or discard what a killed run left between staging and COMMITTED, then sweep.
+    """Finish or undo what a killed run left between staging and COMMITTED, then sweep.
 
     A STAGED window whose manifest is on disk with every file either published or still staged
-    is published and COMMITTED; any other STAGED window goes back to PENDING with its partial
-    output removed.  Then staging is emptied and every event file or manifest that belongs to no
-    committed attempt is deleted.  Call it before any window runs.
+    is published and COMMITTED; a group replacing one range is finished only when every member
+    is so, else undone whole.  Any other STAGED window goes back to PENDING with its partial
+    output removed.  Then staging is emptied and every event file or manifest that belongs to
+    no live attempt is deleted.  Call it before any window runs.
     """
     report = Recovery()
-    for record in await ledger.windows(states=[WindowState.STAGED]):
-        window = record.window
-        manifest = await anyio.to_thread.run_sync(store.load, window.app, record.id, record.attempt)
-        if manifest is not None and await anyio.to_thread.run_sync(store.finish, manifest):
-            path = store.manifest_path(window.app, record.id, record.attempt)
-            await _commit(ledger, store, record, manifest, path)
-            report.finished.append(record.id)
-            continue
-        if manifest is not None:
-            await anyio.to_thread.run_sync(store.remove, manifest)
-        await ledger.retry(
-            record, error_class="Interrupted", error_message="the run stopped while staging"
-        )
-        report.requeued.append(record.id)
+    staged = await ledger.windows(states=[S.STAGED])
+    for record in [r for r in staged if r.replaces is None]:
+        await _recover_one(ledger, store, record, report)
+    for root_id in sorted({r.replaces for r in staged if r.replaces is not None}):
+        await _recover_group(ledger, store, await ledger.get(root_id), report)
     live = {
         (r.id, r.committed_attempt)
         for r in await ledger.windows()
@@ -121,3 +210,50 @@ async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
     await anyio.to_thread.run_sync(store.discard_staging)
     report.swept = len(await anyio.to_thread.run_sync(store.sweep, live))
     return report
+
+
+async def _recover_one(
+    ledger: LedgerPort, store: StorePort, record: WindowRecord, report: Recovery
+) -> None:
+    window = record.window
+    manifest = await anyio.to_thread.run_sync(store.load, window.app, record.id, record.attempt)
+    if manifest is not None and await anyio.to_thread.run_sync(store.finish, manifest):
+        path = store.manifest_path(window.app, record.id, record.attempt)
+        await _commit(ledger, store, record, manifest, path)
+        report.finished.append(record.id)
+        return
+    await _undo(ledger, store, record, manifest, report)
+
+
+async def _recover_group(
+    ledger: LedgerPort, store: StorePort, root: WindowRecord, report: Recovery
+) -> None:
+    members = await ledger.group(root.id)
+    found = [
+        await anyio.to_thread.run_sync(store.load, m.window.app, m.id, m.attempt) for m in members
+    ]
+    complete = all(m.state is S.STAGED for m in members) and all(found)
+    manifests = [m for m in found if m is not None]
+    if complete and all([await anyio.to_thread.run_sync(store.finish, m) for m in manifests]):
+        paths = [store.manifest_path(m.window.app, m.id, m.attempt) for m in members]
+        await _commit_group(ledger, store, root, members, manifests, paths)
+        report.finished += [m.id for m in members]
+        return
+    for member, manifest in zip(members, found, strict=True):
+        if member.state is S.STAGED:
+            await _undo(ledger, store, member, manifest, report)
+
+
+async def _undo(
+    ledger: LedgerPort,
+    store: StorePort,
+    record: WindowRecord,
+    manifest: Manifest | None,
+    report: Recovery,
+) -> None:
+    if manifest is not None:
+        await anyio.to_thread.run_sync(store.remove, manifest)
+    await ledger.retry(
+        record, error_class="Interrupted", error_message="the run stopped while staging"
+    )
+    report.requeued.append(record.id)

@@ -86,6 +86,7 @@ class WindowSettings:
 class OutputSettings:
     root: Path = Path("data/flurry")
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
+    min_repull_share: float = 0.5  # a re-pull under this share of the rows it replaces fails
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +231,7 @@ def _check_output(output: OutputSettings, source: str) -> None:
     """The ``[output]`` values: ``on_bad_rows`` is one of the writer's two policies."""
     if output.on_bad_rows not in ("fail", "quarantine"):
         raise fail(source, "output.on_bad_rows", output.on_bad_rows, '"fail" or "quarantine"')
+    at_least(source, "output.min_repull_share", output.min_repull_share, 0.0, 1.0)
 
 
 def _apps(raw: Any, source: str) -> tuple[AppSettings, ...]:

@@ -6,7 +6,7 @@ takes every unfinished window of the chosen apps (oldest first) and hands them t
 table's effects against the ports and returns a split window's children, which the pool runs
 too.  Counts reach the summary and the progress view only as events (``events.Tallies``).
 ``stop()`` is the one way to say "stopping": no new submit, waits end, conversions finish.
-Planning (``plan``, ``sync_range``, ``requeue_*``) puts windows in the ledger before a run.
+Planning (``plan``, ``prepare_sync``, ``requeue_*``) puts windows in the ledger before a run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from backfill import commit, planner
 from backfill.budget import Budget
 from backfill.errors import first_of
 from backfill.events import AppTally, Summary, Tallies, WindowEvent, log_events
-from backfill.models import UNFINISHED, WindowState
+from backfill.models import DAY_MS, UNFINISHED, WindowState
 from backfill.policy import Estimator
 from backfill.pool import run_pool
 from backfill.sizing import Sizes
@@ -55,6 +55,7 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         listeners: Iterable[Callable[[WindowEvent], None]] = (),
+        accept_shrink: bool = False,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -91,6 +92,8 @@ class Engine:
             policy=settings.policy,
             estimator=Estimator(),
             stopping=self._stopping,
+            group_lock=anyio.Lock(),
+            min_share=0.0 if accept_shrink else settings.output.min_repull_share,
             emit=self._emit,
             now_ms=now_ms,
             clock=monotonic,
@@ -117,23 +120,42 @@ class Engine:
         )  # fmt: skip
 
     async def plan(self, apps: Iterable[AppSettings], start: int, end: int) -> int:
-        """Put the windows of ``[start, end)`` for ``apps`` in the ledger; returns the new count."""
+        """Put the windows of ``[start, end)`` for ``apps`` in the ledger; returns the new count.
+
+        The last ``lookback_days`` before now are planned as days, so that a nightly sync pulls
+        days again for late data, not a whole 30-day window.
+        """
+        recent = planner.incremental_start(
+            self.full_range()[1], self.settings.windows.lookback_days, self.tz
+        )
         added = 0
         for app in apps:
             self.sizes.know({app.name: await self.ledger.learned_size(app.name)})
             size = self.sizes.planned(app.name)
-            new = await self.ledger.add_windows(app.name, start, end, size_ms=size, tz=self.tz)
-            added += len(new)
+            for lo, hi, at in ((start, min(end, recent), size), (max(start, recent), end, DAY_MS)):
+                if lo < hi:
+                    new = await self.ledger.add_windows(
+                        app.name, lo, hi, size_ms=min(size, at), tz=self.tz
+                    )
+                    added += len(new)
         return added
 
-    async def sync_range(self, app: AppSettings) -> tuple[int, int]:
-        """Where an incremental pull of ``app`` starts and ends: the watermark less the lookback."""
-        full_start, end = self.full_range()
-        mark = await self.ledger.watermark(app.name)
-        if mark is None:
-            return full_start, end
-        start = planner.incremental_start(mark, self.settings.windows.lookback_days, self.tz)
-        return max(start, full_start), end
+    async def prepare_sync(self, apps: Iterable[AppSettings]) -> None:
+        """The nightly pull: late data, then every gap up to now.
+
+        For each app, the committed windows of the last ``lookback_days`` before its newest
+        committed end go back to be pulled again (their files stay live until the new rows
+        replace them), whatever failed elsewhere; then every part of the full range that no
+        window covers is planned.
+        """
+        full_start, full_end = self.full_range()
+        for app in apps:
+            newest = await self.ledger.newest_committed_end(app.name)
+            if newest is not None:
+                lookback = self.settings.windows.lookback_days
+                start = max(full_start, planner.incremental_start(newest, lookback, self.tz))
+                await self.requeue_committed(app, start, newest)
+            await self.plan([app], full_start, full_end)
 
     async def requeue_committed(self, app: AppSettings, start: int, end: int) -> int:
         """Send the committed windows of ``app`` overlapping ``[start, end)`` to be pulled again."""
@@ -179,6 +201,8 @@ class Engine:
     async def run(self, apps: Iterable[AppSettings]) -> Summary:
         """Recover, then run every unfinished window of ``apps`` to the end."""
         began = self.clock()
+        self._tallies.clear()
+        self.summary = Summary()
         names = [a.name for a in apps]
         try:
             work = await self._prepare(names)

@@ -25,7 +25,8 @@ The class decides what happens next, never the message text::
         └── WindowFailedError        the window cannot be done as asked: fail it
             ├── RequestRejectedError 400: a window the API will never accept
             ├── CannotSplitError     too large even at the smallest size
-            └── BadDataError         a download that is corrupt or breaks the schema
+            ├── BadDataError         a download that is corrupt or breaks the schema
+            └── ShrinkError          a re-pull with far fewer rows than what it replaces
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "ResultsExpiredError",
     "RetryableError",
     "ServerError",
+    "ShrinkError",
     "StaleAttemptError",
     "StorageError",
     "TooLargeError",
@@ -214,6 +216,10 @@ class CannotSplitError(WindowFailedError):
 
 class BadDataError(WindowFailedError):
     """A download that is corrupt, too big, or breaks the schema."""
+
+
+class ShrinkError(WindowFailedError):
+    """A re-pull whose rows fall below the share of the rows it would replace: a person decides."""
 
 
 def first_of(error: BaseException) -> BackfillError | None:

@@ -82,6 +82,10 @@ class Tallies:
             reason = str(event.fields.get("reason", ""))
             self.failures.append((record.window.app, record.window.label, reason))
 
+    def clear(self) -> None:
+        self.apps.clear()
+        self.failures.clear()
+
     def total(self) -> AppTally:
         """Every app's tally added up."""
         t = list(self.apps.values())

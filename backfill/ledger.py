@@ -397,16 +397,3 @@ class Ledger:
 
     async def failed(self, apps: Iterable[str] | None = None) -> list[WindowRecord]:
         return await self.windows(apps=apps, states=[WindowState.FAILED])
-
-    async def watermark(self, app: str) -> int | None:
-        """The end of ``app``'s contiguous committed prefix, or None."""
-        leaves = await self.windows(apps=[app])
-        return planner.watermark(
-            planner.Coverage(
-                start=r.window.start,
-                end=r.window.end,
-                committed=r.committed_attempt is not None,
-            )
-            for r in leaves
-            if r.state is not WindowState.SPLIT
-        )

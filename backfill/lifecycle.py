@@ -14,6 +14,7 @@ h11's state table, it is the one place to read to know what happens after what::
                 READY → READY, DOWNLOAD           FAILED → RESUBMIT once, then FAIL
     READY       START → LINK (ask for a fresh link)   DOWNLOADED → DOWNLOADED, LAND
     DOWNLOADED  START → LAND (the commit protocol moves it STAGED → COMMITTED; then DONE)
+                HELD → DONE (it replaces a committed range with others: the last one lands all)
     STAGED      START → RESUBMIT (the stage was lost outside recovery)
     transient errors (429, 5xx, connection, expired link) repeat the step that failed after a
     backoff, and FAIL (retryable) after ``max_attempts`` in a row; 401 STOPs the run; a window
@@ -69,6 +70,7 @@ class Event(StrEnum):
     DOWNLOADED = "downloaded"  # the file is on local disk
     COMMITTED = "committed"  # converted, published and COMMITTED in the ledger
     DOWNLOAD_LOST = "download_lost"  # the downloaded file is gone before landing
+    HELD = "held"  # downloaded; lands with the rest of the range it replaces, when they are in
     FAILED = "failed"  # Flurry reported Failure
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
@@ -285,8 +287,13 @@ def _retry(state: WindowState, o: Outcome, p: Progress, policy: Policy, rng: ran
 def _link_pending(
     state: WindowState, o: Outcome, p: Progress, policy: Policy, rng: random.Random
 ) -> Step:
-    """Asked for a fresh link, the request said it is still processing: ask again shortly."""
-    return _step(state, Effect.LINK, p, delay_s=policy.poll_min_s)
+    """Asked for a fresh link, the request said it is still processing: ask again shortly,
+    and no more than ``max_attempts`` times in a row."""
+    if p.step_retries >= policy.max_attempts:
+        reason = f"the request kept answering Processing after it was ready ({p.step_retries})"
+        return _step(S.FAILED, Effect.FAIL, p, retryable=True, reason=reason)
+    again = dataclasses.replace(p, step_retries=p.step_retries + 1)
+    return _step(state, Effect.LINK, again, delay_s=policy.poll_min_s)
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -330,6 +337,7 @@ TABLE: dict[WindowState, dict[Event, Rule]] = {
     },
     S.DOWNLOADED: {
         E.START: _stay(Effect.LAND),
+        E.HELD: _stay(Effect.DONE),
         E.DOWNLOAD_LOST: _restart,
         E.REJECTED: _fail,
         E.BAD_DATA: _fail,

@@ -12,7 +12,6 @@ children tile the parent exactly by construction.  Sizes go down the ladder
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backfill.errors import CannotSplitError
@@ -25,7 +24,6 @@ __all__ = [
     "FLOOR_MS",
     "HORIZON_DAYS",
     "LADDER",
-    "Coverage",
     "ceil_midnight",
     "clamp",
     "floor_midnight",
@@ -39,7 +37,6 @@ __all__ = [
     "plan",
     "range_end",
     "split",
-    "watermark",
 ]
 
 LADDER: tuple[int, ...] = (30 * DAY_MS, WEEK_MS, DAY_MS, 6 * HOUR_MS, HOUR_MS)
@@ -191,25 +188,6 @@ def planned_size(max_days: int, learned_ms: int | None) -> int:
     """The size new windows of an app are planned at: the configured maximum or the learned."""
     limit = max_days * DAY_MS
     return limit if learned_ms is None else min(learned_ms, limit)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Coverage:
-    """One leaf window of the ledger, as the watermark sees it."""
-
-    start: int
-    end: int
-    committed: bool
-
-
-def watermark(leaves: Iterable[Coverage]) -> int | None:
-    """The end of the contiguous committed prefix of an app's windows, or None if none."""
-    mark: int | None = None
-    for leaf in sorted(leaves, key=lambda c: c.start):
-        if not leaf.committed or (mark is not None and leaf.start != mark):
-            break
-        mark = leaf.end
-    return mark
 
 
 def incremental_start(mark: int, lookback_days: int, tz: dt.tzinfo = dt.UTC) -> int:

@@ -94,6 +94,15 @@ class LocalStore:
 
     def publish(self, manifest: Manifest) -> Path:
         """Write the manifest, then move the staged files into ``events/``; returns its path."""
+        target = self.intend(manifest)
+        if not self.finish(manifest):
+            raise IntegrityError(
+                f"staged files of window {manifest.window_id} went missing before publish"
+            )
+        return target
+
+    def intend(self, manifest: Manifest) -> Path:
+        """Write the manifest (the intent record ``finish`` completes from); returns its path."""
         target = self.manifest_path(manifest.app, manifest.window_id, manifest.attempt)
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_suffix(".json.tmp")
@@ -104,10 +113,6 @@ class LocalStore:
         os.replace(temporary, target)
         _fsync_dir(target.parent)
         crashpoints.hit("writer.manifest")
-        if not self.finish(manifest):
-            raise IntegrityError(
-                f"staged files of window {manifest.window_id} went missing before publish"
-            )
         return target
 
     def finish(self, manifest: Manifest) -> bool:

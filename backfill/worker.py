@@ -63,6 +63,7 @@ class _Turn:
     accepted_at: float = 0.0  # monotonic seconds when the current request was accepted
     pending_s: float = 0.0  # elapsed at the last poll that saw it still processing
     error: BaseException | None = None  # what the last outcome came from
+    follow: list[WindowRecord] = dataclasses.field(default_factory=list)  # more for the pool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +79,8 @@ class Context:
     policy: Policy
     estimator: Estimator
     stopping: anyio.Event
+    group_lock: anyio.Lock  # one group landing at a time: the last member in lands them all
+    min_share: float  # a re-pull under this share of the rows it replaces fails (0: accepted)
     emit: Callable[[WindowEvent], None]
     now_ms: Callable[[], int]
     clock: Callable[[], float]
@@ -98,7 +101,7 @@ class Worker:
             waited = max(0, self.c.now_ms() - record.submitted_at) / 1000
             turn.accepted_at = self.c.clock() - waited
         try:
-            return await self._drive(turn)
+            return [*await self._drive(turn), *turn.follow]
         finally:
             turn.slot.release()
 
@@ -301,12 +304,64 @@ class Worker:
         source = self.c.store.download_path(record.window.app, record.id, record.attempt)
         if not source.exists():
             return Outcome(event=Event.DOWNLOAD_LOST, detail="the download file is missing")
+        if record.replaces is not None:
+            async with self.c.group_lock:
+                return await self._land_group(turn)
         async with self.c.budget.conversions:
-            turn.record = await commit.land(self.c.ledger, self.c.store, record, source)
-        source.unlink(missing_ok=True)
-        landed = turn.record
-        self._emit("window.commit.ok", landed, rows=landed.rows, bytes=landed.bytes)
+            turn.record = await commit.land(
+                self.c.ledger, self.c.store, record, source, min_share=self.c.min_share
+            )
+        self._landed([turn.record])
         return Outcome(event=Event.COMMITTED)
+
+    async def _land_group(self, turn: _Turn) -> Outcome:
+        """Hold this window until every window replacing its range is in; the last lands all."""
+        ledger, store = self.c.ledger, self.c.store
+        turn.record = await ledger.get(turn.record.id)  # another worker may have landed it
+        if turn.record.state is not S.DOWNLOADED or turn.record.replaces is None:
+            return Outcome(event=Event.COMMITTED if turn.record.committed_attempt else Event.HELD)
+        root = await ledger.get(turn.record.replaces)
+        members = await ledger.group(root.id)
+        if waiting := [m for m in members if m.state is not S.DOWNLOADED]:
+            detail = f"{len(waiting)} more windows of {root.window.label} to come"
+            return Outcome(event=Event.HELD, detail=detail)
+        sources = [(m, store.download_path(m.window.app, m.id, m.attempt)) for m in members]
+        if lost := [m for m, path in sources if not path.exists()]:
+            for member in lost:  # fetched again; the range lands when they are in
+                turn.follow.append(await ledger.retry(member, error_class="DownloadLost"))
+            return Outcome(event=Event.HELD, detail="downloads lost: fetched again")
+        try:
+            async with self.c.budget.conversions:
+                landed = await commit.land_group(
+                    ledger, store, root, sources, min_share=self.c.min_share
+                )
+        except WindowError as exc:
+            culprit = getattr(exc, "record", None)  # None: the range as a whole (it shrank)
+            targets = members if culprit is None else [culprit]
+            for member in [m for m in targets if m.id != turn.record.id]:
+                await self._fail_other(member, exc)
+            if culprit is not None and culprit.id != turn.record.id:
+                return Outcome(event=Event.HELD, detail=str(exc))
+            raise
+        self._landed(landed)
+        turn.record = next(r for r in landed if r.id == turn.record.id)
+        return Outcome(event=Event.COMMITTED)
+
+    async def _fail_other(self, member: WindowRecord, exc: WindowError) -> None:
+        """Apply the table's decision for ``exc`` to another window of the same group."""
+        step = lifecycle.decide(
+            member.state, lifecycle.outcome_of(exc), Progress(), self.c.policy, self.c.rng
+        )
+        failed = await self.c.ledger.advance(member, S.FAILED, error_class=type(exc).__name__,
+                                             error_message=step.reason,
+                                             retryable=step.retryable)  # fmt: skip
+        self._emit("window.fail.done", failed, reason=step.reason, retryable=step.retryable)
+
+    def _landed(self, records: list[WindowRecord]) -> None:
+        for landed in records:
+            path = self.c.store.download_path(landed.window.app, landed.id, landed.attempt)
+            path.unlink(missing_ok=True)
+            self._emit("window.commit.ok", landed, rows=landed.rows, bytes=landed.bytes)
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -146,6 +146,9 @@ class FakeStore:
                         end_ms=end_ms, rows=rows, rejected=0, size=rows, files=(item,))  # fmt: skip
 
     def publish(self, manifest: Manifest) -> Path:
+        return self.intend(manifest)
+
+    def intend(self, manifest: Manifest) -> Path:
         self.published[manifest.window_id, manifest.attempt] = manifest
         return self.manifest_path(manifest.app, manifest.window_id, manifest.attempt)
 

@@ -79,7 +79,9 @@ async def test_every_fault_at_once_still_lands_exactly_the_truth_and_retry_finis
         assert landed(tmp_path / "out", app.name) == truth(quiet, app.name, start, end), app.name
 
 
-async def test_sync_pulls_only_after_the_watermark_and_the_lookback(tmp_path: Path) -> None:
+async def test_sync_pulls_only_the_lookback_before_the_newest_rows_and_the_gaps(
+    tmp_path: Path,
+) -> None:
     sim = sim_settings()
     day = 86_400_000
     async with simulator(sim) as (served, base):
@@ -88,17 +90,12 @@ async def test_sync_pulls_only_after_the_watermark_and_the_lookback(tmp_path: Pa
             full_start, full_end = run.full_range()
             await run.plan(settings.apps, full_start, full_end - 10 * day)
             await run.run(settings.apps)
-            marks = {a.name: await run.ledger.watermark(a.name) for a in settings.apps}
+            marks = {a.name: await run.ledger.newest_committed_end(a.name) for a in settings.apps}
             assert all(m == full_end - 10 * day for m in marks.values())
             served.calls.clear()
 
             async def sync() -> None:
-                for app in settings.apps:
-                    start, end = await run.sync_range(app)
-                    mark = await run.ledger.watermark(app.name)
-                    assert mark is not None
-                    await run.requeue_committed(app, start, mark)
-                    await run.plan([app], start, end)
+                await run.prepare_sync(settings.apps)
                 await run.run(settings.apps)
 
             await sync()
@@ -106,7 +103,7 @@ async def test_sync_pulls_only_after_the_watermark_and_the_lookback(tmp_path: Pa
             lookback = full_end - 13 * day
             assert posts and all(c.end_ms is not None and c.end_ms > lookback for c in posts)
             assert {
-                a.name: await run.ledger.watermark(a.name) for a in settings.apps
+                a.name: await run.ledger.newest_committed_end(a.name) for a in settings.apps
             } == dict.fromkeys(marks, full_end)
             served.calls.clear()
             await sync()  # the same day again: only the lookback is pulled again

@@ -103,7 +103,9 @@ async def test_committing_records_the_committed_attempt(tmp_path: Path) -> None:
     assert record.committed_attempt == 0
     repull = await ledger.retry(record)
     assert (repull.state, repull.attempt, repull.committed_attempt) == (S.PENDING, 1, 0)
-    assert await ledger.watermark("a") == T0 + DAY_MS, "a re-pull keeps the old attempt live"
+    assert await ledger.newest_committed_end("a") == T0 + DAY_MS, (
+        "a re-pull keeps the old attempt live"
+    )
 
 
 async def test_two_connections_race_and_exactly_one_wins(tmp_path: Path) -> None:
@@ -202,8 +204,8 @@ async def test_queries_for_the_engine_and_the_cli(tmp_path: Path) -> None:
     assert [r.id for r in await ledger.failed()] == [failed.id]
     assert [r.window.app for r in await ledger.claimable()] == ["a", "b", "b"]
     assert [r.id for r in await ledger.claimable(apps=["a"])] == [a[1].id]
-    assert await ledger.watermark("a") == T0 + DAY_MS
-    assert await ledger.watermark("b") is None
+    assert await ledger.newest_committed_end("a") == T0 + DAY_MS
+    assert await ledger.newest_committed_end("b") is None
     coverage = {c.app: c for c in audit.coverage(await ledger.windows())}
     assert coverage["a"].states == {"COMMITTED": 1, "PENDING": 1, "SUBMITTED": 1, "FAILED": 1}
     assert (coverage["a"].rows, coverage["a"].bytes) == (100, 2048)

@@ -58,6 +58,7 @@ EXPECTED: dict[WindowState, dict[Event, tuple[WindowState | None, Effect]]] = {
     },
     S.DOWNLOADED: {
         E.START: (None, F.LAND),
+        E.HELD: (None, F.DONE),
         E.DOWNLOAD_LOST: (S.PENDING, F.RESUBMIT),
         E.REJECTED: (S.FAILED, F.FAIL),
         E.BAD_DATA: (S.FAILED, F.FAIL),
@@ -110,6 +111,8 @@ def test_the_table_has_a_rule_for_exactly_the_expected_pairs() -> None:
         (S.SUBMITTED, E.SERVER_ERROR, Progress(step_retries=8), F.FAIL, True),
         (S.PENDING, E.TRANSPORT_ERROR, Progress(step_retries=8), F.FAIL, True),
         (S.READY, E.LINK_EXPIRED, Progress(step_retries=8), F.FAIL, True),
+        (S.READY, E.PROCESSING, Progress(step_retries=3), F.LINK, False),
+        (S.READY, E.PROCESSING, Progress(step_retries=8), F.FAIL, True),
         (S.SUBMITTED, E.RESULTS_EXPIRED, Progress(resubmits=3), F.FAIL, True),
         (S.SUBMITTED, E.TIMED_OUT, Progress(resubmits=2), F.RESUBMIT, False),
         (S.PENDING, E.REJECTED, Progress(), F.FAIL, False),

@@ -1,4 +1,4 @@
-"""Window planning: tiling, alignment across DST, splitting, horizon, watermark."""
+"""Window planning: tiling, alignment across DST, splitting, horizon, lookback."""
 
 from __future__ import annotations
 
@@ -132,13 +132,7 @@ def test_horizon_and_range_end() -> None:
     )
 
 
-def test_watermark_is_the_end_of_the_committed_prefix() -> None:
-    c = planner.Coverage
-    assert planner.watermark([]) is None
-    assert planner.watermark([c(start=0, end=5, committed=False)]) is None
-    leaves = [c(start=5, end=9, committed=True), c(start=0, end=5, committed=True),
-              c(start=9, end=12, committed=False), c(start=12, end=20, committed=True)]  # fmt: skip
-    assert planner.watermark(leaves) == 9
+def test_incremental_start_is_lookback_local_days_before() -> None:
     assert planner.incremental_start(T0 + 5 * DAY_MS, 3) == T0 + 2 * DAY_MS
 
 

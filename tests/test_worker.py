@@ -184,3 +184,57 @@ async def test_a_stop_during_a_long_backoff_ends_the_wait_at_once(run: Run) -> N
     assert run.engine.summary.interrupted
     assert await run.states() == [(30, S.PENDING)]
     assert run.api.calls.submit == 1
+
+
+async def _committed_month(run: Run) -> None:
+    """One app with one committed 30-day window of 10 rows, sent back to be pulled again."""
+    await run.plan(30)
+    await run.go()
+    await run.engine.requeue_committed(run.engine.settings.apps[0], START, START + 30 * DAY)
+
+
+async def test_a_committed_window_split_on_its_re_pull_is_replaced_by_range_all_at_once(
+    run: Run,
+) -> None:
+    await _committed_month(run)
+    (old,) = await run.ledger.windows()
+    run.api.submits[START, START + 30 * DAY] = [too_large(7)]
+    run.api.rows = 3  # each week has 3 rows now: 15 in all, more than half of 10
+    seen_live: list[int] = []
+
+    def watch(event: Any) -> None:  # while children commit, the old files must stay live
+        if event.name == "window.download.ok":
+            seen_live.append(len(run.store.published))
+
+    run.engine._listeners.append(watch)
+    summary = await run.go()
+    records = await run.ledger.windows()
+    root = next(r for r in records if r.id == old.id)
+    children = [r for r in records if r.parent_id == old.id]
+    assert root.state is S.SPLIT and root.committed_attempt is None, "the old range is retired"
+    assert len(children) == 5 and all(c.state is S.COMMITTED for c in children)
+    assert all(c.replaces is None for c in children), "the replacement is over"
+    assert (old.id, 0) in run.store.removed, "the old files were removed"
+    assert sorted(run.store.published) == sorted((c.id, 0) for c in children)
+    assert seen_live == [1] * 5, "the old window's files stayed the only live ones until the swap"
+    assert summary.committed == 5
+
+
+async def test_a_re_pull_with_far_fewer_rows_is_held_as_failed_unless_accepted(
+    run: Run, tmp_path: Path
+) -> None:
+    await _committed_month(run)
+    run.api.rows = 4  # under half of the 10 it would replace
+    summary = await run.go()
+    (record,) = await run.ledger.windows()
+    assert record.state is S.FAILED and not record.retryable
+    assert record.error_class == "ShrinkError"
+    assert "4 rows where the attempt it replaces has 10" in (record.error_message or "")
+    assert record.committed_attempt == 0 and run.store.published.keys() == {(record.id, 0)}
+    assert summary.failed == 1
+    accepting = Engine(settings=run.engine.settings, ledger=run.ledger, store=run.store,
+                       api=run.api, accept_shrink=True)  # fmt: skip
+    await run.ledger.retry(record)
+    await accepting.run(run.engine.settings.apps[:1])
+    (landed,) = await run.ledger.windows()
+    assert (landed.state, landed.rows) == (S.COMMITTED, 4)

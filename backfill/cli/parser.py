@@ -139,7 +139,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="sync",
-        summary="nightly incremental pull from each app's watermark",
+        summary="nightly pull: late data before each app's newest rows, and every gap",
         description="Pull each app from the end of its contiguous committed history (less "
         "[windows].lookback_days, re-pulled for late data) up to today less the lag.  Run it "
         "from cron or a systemd timer.",

@@ -49,16 +49,11 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """``backfill sync``: each app from its watermark (less the lookback, re-pulled) to now."""
+    """``backfill sync``: the last days before each app's newest rows again, and every gap."""
     settings, apps, token = session.prologue(args, env)
 
     async def prepare(engine: Engine) -> tuple[int | None, int | None]:
-        for app in apps:
-            start, end = await engine.sync_range(app)
-            mark = await engine.ledger.watermark(app.name)
-            if mark is not None and start < mark:
-                await engine.requeue_committed(app, start, mark)
-            await engine.plan([app], start, end)
+        await engine.prepare_sync(apps)
         return None, None
 
     return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
