@@ -228,7 +228,7 @@ class Engine:
             log_recovery(recovery)
         work = await self.ledger.windows(apps=names, states=UNFINISHED)
         keep = {(r.id, r.attempt) for r in work if r.state is S.DOWNLOADED}
-        await anyio.to_thread.run_sync(self.store.sweep_downloads, keep)
+        await anyio.to_thread.run_sync(self.store.sweep_downloads, keep, names)
         work.sort(key=lambda r: (r.window.start, r.window.app))
         self.sizes.know({name: await self.ledger.learned_size(name) for name in names})
         for record in work:

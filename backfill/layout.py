@@ -34,6 +34,7 @@ __all__ = [
     "day_partition",
     "days",
     "download_owner",
+    "rejects_owner",
     "manifest_owner",
     "part_name",
     "part_owner",
@@ -44,6 +45,7 @@ _SAFE = re.compile(r"[A-Za-z0-9_.\-]")
 _PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet")
 _MANIFEST = re.compile(r"(\d+)\.(\d+)\.json")
 _DOWNLOAD = re.compile(r"(\d+)\.(\d+)\.gz")
+_REJECTS = re.compile(r"(\d+)\.(\d+)\.ndjson")
 
 
 def partition_value(name: str) -> str:
@@ -86,6 +88,11 @@ def part_owner(name: str) -> tuple[int, int] | None:
 def manifest_owner(name: str) -> tuple[int, int] | None:
     """The (window id, attempt) of a manifest file name, or None if not ours."""
     return _owner(_MANIFEST, name)
+
+
+def rejects_owner(name: str) -> tuple[int, int] | None:
+    """The (window id, attempt) of a quarantine file name, or None if not ours."""
+    return _owner(_REJECTS, name)
 
 
 def download_owner(name: str) -> tuple[int, int] | None:

@@ -22,12 +22,14 @@ from typing import IO, TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from backfill import crashpoints, decode
-from backfill.errors import IntegrityError
+from backfill.errors import BadDataError, IntegrityError
 from backfill.layout import day_partition, days, part_name
 from backfill.manifest import Manifest, ManifestFile, sha256
+from backfill.models import iso
 from backfill.schema import MAPS, SCHEMA
 
 if TYPE_CHECKING:
@@ -74,7 +76,8 @@ def stage(
         rejects = _Rejects(layout.rejects_path(app, window_id, attempt))
         quarantine = rejects.add if on_bad_rows == "quarantine" else None
         sink = _PartitionSink(limits, stage_dir, window_id, attempt)
-        rows = _convert(source, limits, where, quarantine, sink, rejects)
+        window = (start_ms, end_ms) if end_ms > start_ms else None
+        rows = _convert(source, limits, where, quarantine, sink, rejects, window)
         files = _verify_staged(stage_dir, sink.written)
     except BaseException:
         shutil.rmtree(stage_dir, ignore_errors=True)
@@ -99,14 +102,16 @@ def _convert(
     quarantine: Callable[[int, str, str], None] | None,
     sink: _PartitionSink,
     rejects: _Rejects,
+    window: tuple[int, int] | None,
 ) -> int:
     """Pour the rows of ``source`` into ``sink``; returns how many there were."""
     rows = 0
     try:
         with decode.tables(source, limits, where, quarantine) as batches:
             for table in batches:
-                rows += table.num_rows
-                sink.add(table)
+                kept = _inside(table, window, quarantine, where)
+                rows += kept.num_rows
+                sink.add(kept)
         sink.close()
     except BaseException:
         sink.abort()
@@ -114,6 +119,37 @@ def _convert(
     finally:
         rejects.close()
     return rows
+
+
+def _inside(
+    table: pa.Table,
+    window: tuple[int, int] | None,
+    quarantine: Callable[[int, str, str], None] | None,
+    where: dict[str, str | None],
+) -> pa.Table:
+    """The rows whose session starts in ``window``; the others fail it, or are set aside.
+
+    A row outside the window it was asked for may be a neighbour window's row too: landing it
+    would count it twice.
+    """
+    if window is None or not table.num_rows:
+        return table
+    stamps = pc.cast(table.column("sessionTimestamp"), pa.int64())
+    outside = pc.fill_null(
+        pc.or_(pc.less(stamps, window[0]), pc.greater_equal(stamps, window[1])), True
+    )
+    if not pc.any(outside).as_py():
+        return table
+    bad = table.filter(outside)
+    first = bad.column("sessionTimestamp").cast(pa.int64())[0].as_py()
+    span = f"[{iso(window[0])}, {iso(window[1])})"
+    reason = f"sessionTimestamp {first} lies outside the requested window {span}"
+    if quarantine is None:
+        raise BadDataError(f"a row's {reason}", **where)
+    for row in bad.to_pylist():
+        stamp = row["sessionTimestamp"]
+        quarantine(0, json.dumps(row, default=str), f"sessionTimestamp {stamp} outside {span}")
+    return table.filter(pc.invert(outside))
 
 
 def _verify_staged(stage_dir: Path, written: list[tuple[Path, int, str]]) -> list[ManifestFile]:

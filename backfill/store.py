@@ -24,11 +24,19 @@ import pyarrow.parquet as pq
 
 from backfill import crashpoints, staging
 from backfill.errors import IntegrityError
-from backfill.layout import Layout, download_owner, manifest_owner, part_owner
+from backfill.layout import (
+    Layout,
+    download_owner,
+    manifest_owner,
+    part_owner,
+    partition_value,
+    rejects_owner,
+)
 from backfill.manifest import Manifest, ManifestFile, sha256
 from backfill.schema import Limits
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
 __all__ = ["LocalStore"]
@@ -236,13 +244,23 @@ class LocalStore:
                 removed.append(path)
         for temporary in manifests.glob("*/*.tmp") if manifests.exists() else []:
             temporary.unlink()
+        rejects = self.layout.rejects
+        for path in rejects.glob("*/*.ndjson") if rejects.exists() else []:
+            owner = rejects_owner(path.name)
+            if owner is not None and owner not in live:
+                path.unlink()
+                removed.append(path)
         return removed
 
-    def sweep_downloads(self, keep: set[tuple[int, int]]) -> int:
-        """Delete downloads whose (window id, attempt) is not in ``keep``; returns how many."""
+    def sweep_downloads(self, keep: set[tuple[int, int]], apps: Iterable[str]) -> int:
+        """Delete downloads of ``apps`` whose (window id, attempt) is not in ``keep``.
+
+        Returns how many; another app's downloads (another run's) are left alone.
+        """
         removed = 0
         downloads = self.layout.downloads
-        for path in downloads.glob("*/*.gz") if downloads.exists() else []:
+        folders = [downloads / partition_value(app) for app in apps]
+        for path in [p for folder in folders if folder.is_dir() for p in folder.glob("*.gz")]:
             if download_owner(path.name) not in keep:
                 path.unlink()
                 removed += 1

@@ -17,7 +17,7 @@ from backfill.manifest import Manifest, ManifestFile
 from backfill.protocol import Processing, Ready
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from pathlib import Path
 
     from backfill.models import Window
@@ -180,5 +180,5 @@ class FakeStore:
             del self.published[key]
         return [self.manifest_path("", *key) for key in gone]
 
-    def sweep_downloads(self, keep: set[tuple[int, int]]) -> int:
+    def sweep_downloads(self, keep: set[tuple[int, int]], apps: Iterable[str]) -> int:
         return 0

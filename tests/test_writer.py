@@ -380,3 +380,37 @@ def test_manifest_and_download_names_parse_back_to_their_attempt() -> None:
     assert manifest_owner("x.3.json") is None
     assert download_owner("12.3.gz") == (12, 3)
     assert download_owner("12.gz") is None
+
+
+def test_rows_outside_the_window_fail_it_or_are_set_aside(tmp_path: Path) -> None:
+    rows = truth(days=3)  # the window asked for is only the first two days
+    source = write(tmp_path / "d.gz", gzip.compress(encode_json(rows)))
+    strict = LocalStore(tmp_path / "strict")
+    with pytest.raises(BadDataError, match="outside the requested window"):
+        stage_publish(strict, source, days=2)
+    assert not list((tmp_path / "strict").rglob("*.parquet"))
+    lenient = LocalStore(tmp_path / "out", on_bad_rows="quarantine")
+    manifest = stage_publish(lenient, source, days=2)
+    inside = [r for r in rows if r["sessionTimestamp"] < START + 2 * DAY]
+    assert manifest.rows == len(inside) and manifest.rejected == len(rows) - len(inside) > 0
+    assert sorted(map(_key, landed(tmp_path / "out"))) == sorted(map(_key, expected(inside)))
+
+
+def test_sweep_removes_quarantine_files_of_dead_attempts(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "out")
+    rejects = tmp_path / "out" / "_rejects" / "quest"
+    rejects.mkdir(parents=True)
+    for name in ("1.0.ndjson", "1.1.ndjson", "notes.txt"):
+        (rejects / name).write_text("{}\n")
+    store.sweep({(1, 1)})
+    assert sorted(p.name for p in rejects.iterdir()) == ["1.1.ndjson", "notes.txt"]
+
+
+def test_sweeping_downloads_leaves_other_apps_alone(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "out")
+    for app in ("a", "b"):
+        path = store.download_path(app, 1, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert store.sweep_downloads(set(), ["a"]) == 1
+    assert not store.download_path("a", 1, 0).exists() and store.download_path("b", 1, 0).exists()
