@@ -123,6 +123,8 @@ class AppData:
     versions: tuple[str, ...] = ("1.0.0", "1.1.0", "2.0.0")
     spike_every_days: int = 0
     spike_factor: int = 1
+    growth_from_day: int = 0  # days from this one (0: none) have growth_factor times the sessions
+    growth_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,8 @@ def _skeleton(seed: int, app: AppData, day: int) -> tuple[_Session, ...]:
     rng = random.Random(_stable_int(seed, app.api_key, day))
     base = app.sessions_per_day * (app.spike_factor if _is_spike(app, day) else 1)
     n = max(2, round(base * rng.uniform(0.8, 1.2)))
+    if app.growth_from_day and day >= app.growth_from_day:  # late data: the day grew
+        n = max(2, round(n * app.growth_factor))
     start = day * DAY_MS
     # The first and the last millisecond of the day always open a session: boundary bugs show.
     stamps = sorted(

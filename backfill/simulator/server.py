@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 import math
 import os
 import random
@@ -89,6 +90,8 @@ class _Request:
     body: bytes | None = None
     members: int = 1
     corrupt: bool = False
+    empty: bool = False
+    stray: bool = False
     building: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -266,6 +269,8 @@ class Simulator:
             message=message,
             members=self._rng.randint(2, 4) if self._roll(faults.multi_member) else 1,
             corrupt=self._roll(faults.corrupt_download),
+            empty=self._roll(faults.empty_download),
+            stray=self._roll(faults.stray_row),
         )
         return request_id
 
@@ -390,6 +395,14 @@ class Simulator:
             app_versions=req.app_versions,
             event_ids=req.event_ids,
         )
+        if req.empty:
+            return b""
+        if req.stray:  # one more row, from the first millisecond after the window
+            later = data.rows(
+                self.settings.seed, req.app.data, req.end_ms, req.end_ms + data.DAY_MS
+            )
+            stray = {**next(later), "sessionTimestamp": req.end_ms}
+            rows = itertools.chain(rows, [stray])
         encode = data.encode_json if req.output_format == "JSON" else data.encode_csv
         payload = data.gzip_members(encode(rows), req.members)
         if req.corrupt:  # damage the deflate stream and the CRC: no client can read it back

@@ -77,6 +77,8 @@ class Faults:
     expired_results: float = 0.0  # a finished request reports "Expired URI..."
     too_large_at_poll: float = 0.0  # a too-large window is accepted, then reported as Failure
     corrupt_download: float = 0.0  # a request's file is served with damaged gzip data
+    empty_download: float = 0.0  # a request's file is served as 0 bytes (never the contract)
+    stray_row: float = 0.0  # a request's file holds one more row, from just after its window
     stuck: float = 0.0  # a request is accepted and never finishes
     html_ok: float = 0.0  # an API call answers 200 with an HTML page instead of JSON
 
@@ -93,6 +95,8 @@ class AppProfile:
     spike_every_days: int = 0
     spike_factor: int = 1
     too_large_rows: int = 0  # 0: never too large
+    growth_from_day: int = 0  # late data: from this UTC day (epoch days; 0: none) ...
+    growth_factor: float = 1.0  # ... each day has this many times the sessions
 
     @property
     def data(self) -> AppData:
@@ -103,6 +107,8 @@ class AppProfile:
             versions=self.versions,
             spike_every_days=self.spike_every_days,
             spike_factor=self.spike_factor,
+            growth_from_day=self.growth_from_day,
+            growth_factor=self.growth_factor,
         )
 
 
