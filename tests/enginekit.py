@@ -63,6 +63,7 @@ def engine_settings(
     fmt: str = "JSON",
     apps: tuple[AppProfile, ...] = APPS,
     ledger: Path | None = None,
+    lookback_days: int = 3,
     **api: Any,
 ) -> Settings:
     api_fields: dict[str, Any] = {
@@ -83,7 +84,9 @@ def engine_settings(
     return Settings(
         api=ApiSettings(**fields),
         policy=Policy(**numbers),
-        windows=WindowSettings(history_days=history_days, lag_hours=24, lookback_days=3),
+        windows=WindowSettings(
+            history_days=history_days, lag_hours=24, lookback_days=lookback_days
+        ),
         output=OutputSettings(root=root),
         ledger=LedgerSettings(path=ledger),
         apps=tuple(AppSettings(name=a.name, api_key=a.api_key) for a in apps),
@@ -98,7 +101,7 @@ async def engine(settings: Settings, **kwargs: Any) -> AsyncIterator[Engine]:
             yield Engine(
                 settings=settings,
                 ledger=ledger,
-                store=LocalStore(settings.output.root),
+                store=LocalStore(settings.output.root, on_bad_rows=settings.output.on_bad_rows),
                 api=api,
                 **kwargs,
             )
