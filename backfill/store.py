@@ -15,6 +15,7 @@ every path is checked to stay under the output root (see ``layout``).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 from typing import TYPE_CHECKING, Literal
@@ -33,6 +34,7 @@ from backfill.layout import (
     rejects_owner,
 )
 from backfill.manifest import Manifest, ManifestFile, sha256
+from backfill.models import iso
 from backfill.schema import Limits
 
 if TYPE_CHECKING:
@@ -48,6 +50,24 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _session_span(footer: pq.FileMetaData) -> tuple[int, int] | None:
+    """The first and last ``sessionTimestamp`` (epoch ms) the row groups' statistics give."""
+    column = footer.schema.to_arrow_schema().get_field_index("sessionTimestamp")
+    lows, highs = [], []
+    for group in range(footer.num_row_groups):
+        stats = footer.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        lows.append(_epoch_ms(stats.min))
+        highs.append(_epoch_ms(stats.max))
+    return (min(lows), max(highs)) if lows else None
+
+
+def _epoch_ms(value: dt.datetime | int) -> int:
+    """A timestamp statistic (a datetime, or its int64 when Arrow gives the raw value)."""
+    return round(value.timestamp() * 1000) if isinstance(value, dt.datetime) else int(value)
 
 
 class LocalStore:
@@ -181,13 +201,18 @@ class LocalStore:
         problems = []
         if rows is not None and manifest.rows != rows:
             problems.append(f"{path}: {manifest.rows} rows, the ledger says {rows}")
+        window = (
+            (manifest.start_ms, manifest.end_ms) if manifest.end_ms > manifest.start_ms else None
+        )
         for item in manifest.files:
-            problem = self._check_file(self._final(manifest, item), item, path.name)
+            problem = self._check_file(self._final(manifest, item), item, path.name, window)
             if problem is not None:
                 problems.append(problem)
         return problems
 
-    def _check_file(self, final: Path, item: ManifestFile, listed_in: str) -> str | None:
+    def _check_file(
+        self, final: Path, item: ManifestFile, listed_in: str, window: tuple[int, int] | None
+    ) -> str | None:
         """What is wrong with one landed file against its manifest entry, or None."""
         if not final.exists():
             return f"{final}: missing (listed in {listed_in})"
@@ -196,11 +221,18 @@ class LocalStore:
         if sha256(final) != item.sha256:
             return f"{final}: sha256 differs from the manifest"
         try:
-            found = pq.read_metadata(final).num_rows
+            footer = pq.read_metadata(final)
         except (OSError, pa.ArrowException) as exc:
             return f"{final}: unreadable Parquet ({exc})"
-        if found != item.rows:
-            return f"{final}: {found} rows, the manifest says {item.rows}"
+        if footer.num_rows != item.rows:
+            return f"{final}: {footer.num_rows} rows, the manifest says {item.rows}"
+        span = _session_span(footer)
+        if (
+            window is not None
+            and span is not None
+            and (span[0] < window[0] or span[1] >= window[1])
+        ):
+            return f"{final}: rows from {iso(span[0])} to {iso(span[1])}, outside its window"
         return None
 
     # -- orphans and sweeping ------------------------------------------------------------

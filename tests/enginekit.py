@@ -181,6 +181,7 @@ def write_config(
     history_days: int,
     extra_api: str = "",
     apps: tuple[AppProfile, ...] = APPS,
+    lookback_days: int = 3,
 ) -> Path:
     """A real config file for the CLI, its token in $FLURRY_TOKEN."""
     api = {
@@ -203,7 +204,7 @@ def write_config(
         "[windows]",
         f"history_days = {history_days}",
         "lag_hours = 24",
-        "lookback_days = 3",
+        f"lookback_days = {lookback_days}",
         "[output]",
         f'root = "{work / "out"}"',
     ]

@@ -10,9 +10,11 @@ and no file may be left over.  Slow (a minute or two): ``make test-crash``, whic
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -115,4 +117,76 @@ async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path) -> Non
         f"\ncrash sweep: {total} steps ({dict(sorted(steps.items()))}); {total - len(bad)} ended exactly right"
     )
     assert len(results) == total and steps["client.download.chunk"] and steps["ledger.split"]
+    assert bad == {}
+
+
+def _nightly_apps(end: int) -> tuple[AppProfile, ...]:
+    """The same apps the night after: the last two days grew, and both are refused sooner."""
+    day = (end - 2 * DAY_MS) // DAY_MS
+    return (
+        dataclasses.replace(SMALL, too_large_rows=40, growth_from_day=day, growth_factor=3.0),
+        dataclasses.replace(SPLITS, growth_from_day=day, growth_factor=3.0),
+    )
+
+
+@pytest.mark.crash
+@pytest.mark.timeout(1800)
+async def test_a_kill_at_every_step_of_a_nightly_sync_with_splits_ends_exactly_right(
+    tmp_path: Path,
+) -> None:
+    """Backfill, then the API's recent data grows past its too-large threshold, then ``sync``:
+    the committed windows it pulls again are refused and split, and their children replace
+    them whole.  Every step of that sync, the swap included, is a kill point."""
+    now = int(time.time() * 1000)
+    end = planner.range_end(now, 24 * HOUR_MS)
+    start = max(planner.floor_midnight(now - 4 * DAY_MS, dt.UTC), planner.horizon_start(now))
+    template = tmp_path / "template"
+    template.mkdir()
+    async with simulator_process(sim_settings(apps=APPS), template) as (base, _):
+        write_config(template, base, history_days=4, extra_api=SERIAL, apps=APPS, lookback_days=0)
+        assert await _backfill(template, "run", "--quiet") == 0
+    night = sim_settings(apps=_nightly_apps(end))
+    expected = {app.name: truth(night, app.name, start, end) for app in APPS}
+    async with simulator_process(night, tmp_path) as (base, calls):
+
+        def copy(name: str) -> Path:
+            work = tmp_path / name
+            shutil.copytree(template / "out", work / "out")
+            write_config(work, base, history_days=4, extra_api=SERIAL, apps=APPS)
+            return work
+
+        counting = copy("count")
+        counts_file = counting / "counts.json"
+        env = ENV | {"BACKFILL_CRASH_COUNTS": str(counts_file)}
+        assert await _backfill(counting, "sync", "--quiet", env=env) == 0
+        assert all(landed(counting / "out", a.name) == expected[a.name] for a in APPS)
+        refused = [json.loads(line) for line in calls.read_text().splitlines()]
+        assert any(c["kind"] == "submit" and c["status"] == 400 for c in refused), "splits"
+        steps: Counter[str] = Counter(json.loads(counts_file.read_text()))
+        total = sum(steps.values())
+        results: dict[int, str] = {}
+        limiter = anyio.CapacityLimiter(2)
+
+        async def sweep(k: int) -> None:
+            async with limiter:
+                work = copy(f"k{k}")
+                killed = await _backfill(
+                    work, "sync", "--quiet", env=ENV | {"BACKFILL_CRASH_AT": str(k)}
+                )
+                finished = await _backfill(work, "sync", "--quiet")
+                verified = await _backfill(work, "verify")
+                problems = [f"not killed ({killed})"] if killed != -signal.SIGKILL else []
+                if finished != 0 or verified != 0:
+                    problems.append(f"rerun {finished}, verify {verified}")
+                problems += [f"{a.name} differs from the ground truth" for a in APPS
+                             if landed(work / "out", a.name) != expected[a.name]]  # fmt: skip
+                results[k] = "; ".join(problems) or "ok"
+
+        async with anyio.create_task_group() as group:
+            for k in range(1, total + 1):
+                group.start_soon(sweep, k)
+    bad = {k: r for k, r in results.items() if r != "ok"}
+    print(f"\nnightly crash sweep: {total} steps ({dict(sorted(steps.items()))}); "
+          f"{total - len(bad)} ended exactly right")  # fmt: skip
+    assert len(results) == total and steps["ledger.split"]
     assert bad == {}

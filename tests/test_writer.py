@@ -414,3 +414,16 @@ def test_sweeping_downloads_leaves_other_apps_alone(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     assert store.sweep_downloads(set(), ["a"]) == 1
     assert not store.download_path("a", 1, 0).exists() and store.download_path("b", 1, 0).exists()
+
+
+def test_verify_reports_a_file_whose_rows_lie_outside_its_window(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "out")
+    source = write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=3))))
+    manifest = stage_publish(store, source, days=3)
+    path = store.manifest_path("quest", 1, 0)
+    assert store.check_manifest(path, manifest.rows) == []
+    document = json.loads(path.read_text())
+    document["end_ms"] = START + 2 * DAY  # as if the window were two days: its third is a stray
+    path.write_text(json.dumps(document))
+    problems = store.check_manifest(path, manifest.rows)
+    assert len(problems) == 1 and "outside its window" in problems[0]
