@@ -15,7 +15,15 @@ if TYPE_CHECKING:
     from backfill.models import WindowRecord
     from backfill.ports import LedgerPort, StorePort
 
-__all__ = ["AppCoverage", "AppStatus", "coverage", "outcome_of_range", "status", "verify"]
+__all__ = [
+    "AppCoverage",
+    "AppStatus",
+    "Problem",
+    "coverage",
+    "outcome_of_range",
+    "status",
+    "verify",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,32 +138,69 @@ async def status(ledger: LedgerPort, apps: Iterable[str]) -> list[AppStatus]:
     return out
 
 
-async def verify(ledger: LedgerPort, store: StorePort) -> list[str]:
-    """Every problem found: files against manifests, orphans, and windows that do not tile."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Problem:
+    """One thing ``verify`` found wrong; ``window_id`` names the window whose files it concerns.
+
+    A problem with a window id is damage to that window's committed files (missing, changed,
+    truncated, unreadable, or its manifest): ``refresh --damaged`` re-pulls exactly those.
+    """
+
+    window_id: int | None
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+async def verify(ledger: LedgerPort, store: StorePort) -> list[Problem]:
+    """Every problem found: files against manifests, orphans, and ranges that overlap.
+
+    Two kinds of overlap: live windows (not SPLIT) whose ranges overlap in the ledger, and any
+    two windows whose files are live (``committed_attempt`` set, whatever their state: a SPLIT
+    window keeps its files while its range is re-pulled) over overlapping ranges, which
+    means rows a reader sees twice.
+    """
     records = await ledger.windows()
-    problems: list[str] = []
+    problems: list[Problem] = []
     live: set[tuple[int, int]] = set()
-    committed = [r for r in records if r.committed_attempt is not None]
-    for record in committed:
-        assert record.committed_attempt is not None
+    for record in records:
+        if record.committed_attempt is None:
+            continue
         live.add((record.id, record.committed_attempt))
         path = store.manifest_path(record.window.app, record.id, record.committed_attempt)
-        problems += await anyio.to_thread.run_sync(store.check_manifest, path, record.rows)
-    problems += await anyio.to_thread.run_sync(store.orphans, live)
-    by_app: dict[str, list[tuple[int, int]]] = {}
-    for record in records:
-        if record.state is not WindowState.SPLIT:
-            by_app.setdefault(record.window.app, []).append(
-                (record.window.start, record.window.end)
-            )
-    for app, spans in sorted(by_app.items()):
-        spans.sort()
-        for (a0, a1), (b0, b1) in zip(spans, spans[1:], strict=False):
-            if b0 < a1:
-                problems.append(
-                    f"{app}: windows overlap: {iso(a0)}/{iso(a1)} and {iso(b0)}/{iso(b1)}"
-                )
+        found = await anyio.to_thread.run_sync(store.check_manifest, path, record.rows)
+        problems += [Problem(window_id=record.id, text=text) for text in found]
+    orphans = await anyio.to_thread.run_sync(store.orphans, live)
+    problems += [Problem(window_id=None, text=text) for text in orphans]
+    planned = [r for r in records if r.state is not WindowState.SPLIT]
+    problems += _overlaps(planned, "windows overlap")
+    landed = [r for r in records if r.committed_attempt is not None]
+    problems += _overlaps(landed, "live files overlap (rows are visible twice)")
     return problems
+
+
+def _overlaps(records: Iterable[WindowRecord], what: str) -> list[Problem]:
+    """One problem per window whose range starts inside an earlier one of the same app."""
+    by_app: dict[str, list[WindowRecord]] = {}
+    for record in records:
+        by_app.setdefault(record.window.app, []).append(record)
+    out = []
+    for app, group in sorted(by_app.items()):
+        group.sort(key=lambda r: (r.window.start, r.window.end))
+        reach: WindowRecord | None = None  # the window reaching furthest so far
+        for record in group:
+            if reach is not None and record.window.start < reach.window.end:
+                out.append(
+                    Problem(
+                        window_id=None,
+                        text=f"{app}: {what}: window {reach.id} {reach.window.label} and "
+                        f"window {record.id} {record.window.label}",
+                    )
+                )
+            if reach is None or record.window.end > reach.window.end:
+                reach = record
+    return out
 
 
 async def outcome_of_range(

@@ -74,10 +74,43 @@ def test_every_command_of_the_parser_has_a_handler() -> None:
     from backfill.cli.parser import COMMANDS, build
 
     assert sorted(c.name for c in COMMANDS) == sorted(HANDLERS)
+    required = {
+        "convert": ["f", "--app", "a", "--out", "o"],
+        "refresh": ["--app", "a"],
+        "forget": ["--app", "a"],
+    }
     for command in COMMANDS:
-        args = (
-            ["convert", "f", "--app", "a", "--out", "o"]
-            if command.name == "convert"
-            else [command.name]
-        )
+        args = [command.name, *required.get(command.name, [])]
         assert build().parse_args(args).command == command.name
+
+
+async def test_every_new_command_has_help_with_an_example_and_the_exit_codes() -> None:
+    for name in ("refresh", "forget", "convert", "plan"):
+        code, out, _ = await backfill(name, "--help")
+        assert code == 0
+        assert "example:" in out and f"backfill {name}" in out
+        assert "exit codes:" in out and "130" in out
+
+
+async def test_convert_of_the_same_file_under_another_app_keeps_the_first(tmp_path: Path) -> None:
+    rows = ground_truth(settings(), SMALL.api_key, 20_000 * DAY, 20_002 * DAY)
+    source = tmp_path / "rawdata.csv.gz"
+    source.write_bytes(gzip.compress(encode_csv(rows)))
+    out = tmp_path / "out"
+    for app in ("first", "second"):
+        code, _, err = await backfill("convert", str(source), "--app", app, "--out", str(out))
+        assert code == 0, err
+    for app in ("first", "second"):
+        table = ds.dataset(out / "events" / f"app={app}", format="parquet").to_table()
+        assert table.num_rows == len(rows), app
+
+
+async def test_verify_without_a_ledger_exits_2_not_5(tmp_path: Path) -> None:
+    config = tmp_path / "backfill.toml"
+    config.write_text(
+        f'[api]\ntoken_env = "FLURRY_TOKEN"\n[output]\nroot = "{tmp_path / "out"}"\n'
+        '[[apps]]\nname = "a"\napi_key = "AAAAAAAAAAAAAAAAAAAA"\n'
+    )
+    code, _, err = await backfill("verify", "--config", str(config))
+    assert code == 2
+    assert "no ledger to verify against" in err and "Traceback" not in err

@@ -4,8 +4,9 @@ The package is the edge: ``main`` is the one place that reads ``os.environ`` (ha
 commands as ``env``: the config path, the token variable, the crash-test seams) and builds
 sessions, connections and paths for the engine.  Its rooms: ``parser`` (the table of commands),
 ``exits`` (the exit codes and their text), ``session`` (config, apps, token, ledger, run lock),
-``runs`` (run, sync, retry, demo), ``inspection`` (plan, status, verify) and ``tools``
-(convert, simulate).
+``runs`` (run, sync, retry, demo), ``life`` (refresh, forget), ``recorded`` (the settings
+guard), ``inspection`` (plan, status, verify), ``tools`` (convert, simulate) and ``landing``
+(convert into a managed root).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from backfill import logs
-from backfill.cli import exits, inspection, parser, runs, tools
+from backfill.cli import exits, inspection, life, parser, runs, tools
 from backfill.cli.exits import EXIT_CODES
 from backfill.errors import BackfillError, first_of
 
@@ -38,6 +39,8 @@ HANDLERS: dict[str, _Handler] = {
     "run": runs.run,
     "sync": runs.sync,
     "retry": runs.retry,
+    "refresh": life.refresh,
+    "forget": life.forget,
     "status": inspection.status,
     "verify": inspection.verify,
     "convert": tools.convert,
@@ -46,7 +49,7 @@ HANDLERS: dict[str, _Handler] = {
 }
 
 # The commands that show a live progress table on a terminal.
-_LIVE = ("run", "sync", "retry", "demo")
+_LIVE = ("run", "sync", "retry", "refresh", "demo")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from backfill.cli import session
 from backfill.cli.exits import EXIT_INTEGRITY, EXIT_OK
-from backfill.errors import IntegrityError
+from backfill.errors import ConfigError
 from backfill.models import WindowState, iso
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from backfill.audit import AppStatus
+    from backfill.config import AppSettings, Settings
     from backfill.ledger import Ledger
 
 __all__ = ["plan", "print_status", "status", "verify"]
@@ -36,6 +37,8 @@ async def plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = session.load(args, env)
     apps = session.chosen(settings, args.app)
     session.check_order(args)
+    if args.refresh or args.damaged:
+        return await _plan_refresh(args, settings, apps)
     tz = zoneinfo.ZoneInfo(settings.windows.timezone)
     w = settings.windows
     now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
@@ -60,6 +63,41 @@ async def plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         f"\n{len(rows)} windows: {done} already committed; "
         f"a run would submit at least {todo} requests"
     )
+    return EXIT_OK
+
+
+async def _plan_refresh(
+    args: argparse.Namespace, settings: Settings, apps: Sequence[AppSettings]
+) -> int:
+    """``plan --refresh --app NAME``: the windows a ``refresh`` would pull again."""
+    from backfill.cli import life
+
+    if len(apps) != 1 or not args.app:
+        raise ConfigError("plan --refresh: name exactly one app with --app")
+    rows: list[dict[str, str]] = []
+    if settings.ledger_path.exists():
+        async with session.open_ledger(settings) as ledger:
+            chosen = await life.refresh_choice(
+                ledger,
+                settings.output.root,
+                apps[0].name,
+                args.start,
+                args.end,
+                damaged=args.damaged,
+            )
+        rows = [
+            {"app": r.window.app, "start": iso(r.window.start), "end": iso(r.window.end),
+             "state": "REFRESH" if r.state is WindowState.COMMITTED else str(r.state)}
+            for r in chosen
+        ]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return EXIT_OK
+    print(f"{'app':20} {'start':22} {'end':22} state")
+    for row in rows:
+        print(f"{row['app']:20} {row['start']:22} {row['end']:22} {row['state']}")
+    again = sum(1 for r in rows if r["state"] == "REFRESH")
+    print(f"\na refresh would pull {again} committed window{'s' * (again != 1)} again")
     return EXIT_OK
 
 
@@ -126,13 +164,19 @@ def print_status(report: Sequence[AppStatus]) -> None:
 
 
 async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """``backfill verify``: every committed window's files against its manifest; exit 5 if not."""
+    """``backfill verify``: every committed window's files against its manifest; exit 5 if not.
+
+    Without a ledger there is nothing to verify against: a usage error (exit 2), not damage.
+    """
     from backfill import audit
     from backfill.store import LocalStore
 
     settings = session.load(args, env)
     if not settings.ledger_path.exists():
-        raise IntegrityError(f"{settings.ledger_path}: no ledger to verify against")
+        raise ConfigError(
+            f"{settings.ledger_path}: no ledger to verify against (nothing has run with this "
+            "config yet, or [ledger].path points elsewhere)"
+        )
     async with session.open_ledger(settings) as ledger:
         problems = await audit.verify(ledger, LocalStore(settings.output.root))
         committed = len(await ledger.windows(states=[WindowState.COMMITTED]))
@@ -140,6 +184,13 @@ async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"problem: {problem}")
     if problems:
         print(f"{len(problems)} problem{'s' * (len(problems) != 1)} found", file=sys.stderr)
+        damaged = sorted({p.window_id for p in problems if p.window_id is not None})
+        if damaged:
+            print(
+                f"{len(damaged)} damaged window{'s' * (len(damaged) != 1)}: "
+                "`backfill refresh --app NAME --damaged` pulls them again",
+                file=sys.stderr,
+            )
         return EXIT_INTEGRITY
     print(f"verified {committed} committed windows: every file matches its manifest, no orphan")
     return EXIT_OK

@@ -125,8 +125,22 @@ COMMANDS: tuple[Command, ...] = (
         summary="show the windows a run would request (dry run, no API call)",
         description="Show, per app, the windows of the range with their ledger state (NEW when "
         "not yet planned), and how many requests a run would submit.  Changes nothing.",
-        example="backfill plan --start 2026-01-01 --end 2026-02-01 --json",
+        example="backfill plan --start 2026-01-01 --end 2026-02-01 --json\n"
+        "  backfill plan --refresh --app puzzle-quest --damaged",
         groups=(Group.BASE, Group.APPS, Group.SPAN, Group.JSON),
+        args=(
+            _arg(
+                "--refresh",
+                action="store_true",
+                help="show what `backfill refresh` would pull again (one --app; COMMITTED "
+                "windows show as REFRESH); with --start/--end, only windows overlapping them",
+            ),
+            _arg(
+                "--damaged",
+                action="store_true",
+                help="with --refresh: only the windows `verify` finds damaged",
+            ),
+        ),
     ),
     Command(
         name="run",
@@ -154,6 +168,47 @@ COMMANDS: tuple[Command, ...] = (
         groups=(Group.BASE, Group.APPS, Group.TUNING),
     ),
     Command(
+        name="refresh",
+        summary="pull committed windows of one app again, with the config's settings",
+        description="Pull the committed windows of --app again (all of them, those overlapping "
+        "--start/--end, or with --damaged exactly those `verify` finds damaged) with the "
+        "settings of the config, replacing their files by range: the old files stay visible "
+        "until the new rows of the range are committed.  Use it when Flurry reprocessed data, "
+        "when you changed api_key, app_versions or event_ids (run and sync refuse until then), "
+        "or to repair what `verify` reports.  Once every window of the app is pulled with the "
+        "new settings, they are recorded.  `backfill plan --refresh --app NAME` shows what it "
+        "would do.",
+        example="backfill refresh --app puzzle-quest --start 2025-06-01 --end 2025-07-01",
+        groups=(Group.BASE, Group.SPAN, Group.TUNING),
+        args=(
+            _arg("--app", required=True, metavar="NAME", help="the app to pull again"),
+            _arg(
+                "--damaged",
+                action="store_true",
+                help="only the windows whose files `verify` finds missing, changed or truncated",
+            ),
+            _arg(
+                "--accept-shrink",
+                action="store_true",
+                help="accept a re-pull with far fewer rows than the files it replaces",
+            ),
+        ),
+    ),
+    Command(
+        name="forget",
+        summary="remove an app's output and ledger rows (a retired or mistaken app)",
+        description="Remove everything of --app under the output root (events/app=NAME/, its "
+        "manifests, downloads, staging and rejects) and its rows in the ledger (windows, "
+        "learned size, recorded settings).  The app need not be in the config any more.  "
+        "Without --yes, say what would be deleted and exit 2.",
+        example="backfill forget --app old-name --yes",
+        groups=(Group.BASE,),
+        args=(
+            _arg("--app", required=True, metavar="NAME", help="the app to forget"),
+            _arg("--yes", action="store_true", help="really delete (default: only show)"),
+        ),
+    ),
+    Command(
         name="status",
         summary="coverage per app: windows, rows, bytes, gaps, failures",
         description="Per app: windows committed/failed/pending/split, rows and bytes landed, "
@@ -175,17 +230,28 @@ COMMANDS: tuple[Command, ...] = (
         summary="convert a file downloaded by hand into the Parquet layout",
         description="Convert one raw-data file that you downloaded yourself (JSON or CSV; gzip, "
         "zip or plain, read from the content) into events/app=NAME/dt=YYYY-MM-DD/"
-        "*.parquet under --out, with a manifest.  Converting the same file again "
-        "replaces its earlier output.",
+        "*.parquet under --out, with a manifest.  Into a managed root (one with a ledger, "
+        "or --config given) it takes the run lock and records the file in the ledger as a "
+        "COMMITTED window of the app over --start/--end (default: the whole UTC days its "
+        "rows span), so runs keep it; it refuses to overlap committed windows unless "
+        "--replace, which replaces them by range (their parts outside the file are planned "
+        "again).  Into a plain folder, converting the same file again replaces its output.",
         example="backfill convert ~/Downloads/rawdata.csv.gz --app puzzle-quest --out data/flurry",
         args=(
             _arg("file", type=Path, help="the downloaded file"),
             _arg("--app", required=True, help="the app name: the partition value app=NAME"),
-            _arg("--out", type=Path, required=True, help="the output root"),
+            _arg("--out", type=Path, help="the output root (default: the config's)"),
+            _arg("--config", type=Path, help="the TOML config whose root and ledger to use"),
+            _arg("--start", type=_iso_instant, help="the range the file holds, inclusive"),
+            _arg("--end", type=_iso_instant, help="the range the file holds, exclusive"),
+            _arg(
+                "--replace",
+                action="store_true",
+                help="replace committed windows the range overlaps (managed roots)",
+            ),
             _arg(
                 "--on-bad-rows",
                 choices=["fail", "quarantine"],
-                default="fail",
                 help="fail on the first row that breaks the schema (default), or set such rows "
                 "aside in OUT/_rejects/",
             ),

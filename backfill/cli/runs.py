@@ -1,6 +1,6 @@
 """The commands that run the engine: ``run``, ``sync``, ``retry`` and ``demo``.
 
-They differ only in how they plan (a ``prepare`` step); ``_drive`` does the rest for all of
+They differ only in how they plan (a ``prepare`` step); ``drive`` does the rest for all of
 them: the run lock, the ledger, the API client and the writer, the engine run under signals with
 its progress view, the summary, and the exit code from how the requested windows stand.
 """
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from backfill import config, logs
-from backfill.cli import session
-from backfill.cli.exits import BY_STANDING, EXIT_INTERRUPTED
+from backfill.cli import recorded, session
+from backfill.cli.exits import BY_STANDING, EXIT_INTERRUPTED, EXIT_OK
 from backfill.cli.inspection import print_status
 
 if TYPE_CHECKING:
@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 
     from backfill.config import AppSettings, Settings
     from backfill.engine import Engine, Summary
+    from backfill.ledger import Ledger
 
     # Plans the run on the engine; returns the range whose windows decide the exit code
     # (None: every window of the apps).
     _Prepare = Callable[[Engine], Awaitable[tuple[int | None, int | None]]]
+    # Runs after a run whose requested windows all committed (``refresh`` records settings).
+    _Finished = Callable[[Ledger], Awaitable[None]]
 
-__all__ = ["demo", "retry", "run", "sync"]
+__all__ = ["demo", "drive", "retry", "run", "sync"]
 
 
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -45,7 +48,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         await engine.plan(apps, start, end)
         return start, end
 
-    return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
+    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
 
 
 async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -56,7 +59,7 @@ async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         await engine.prepare_sync(apps)
         return None, None
 
-    return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
+    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
 
 
 async def retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -68,7 +71,7 @@ async def retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"retrying {count} failed window{'s' * (count != 1)}")
         return None, None
 
-    return await _drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
+    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
 
 
 async def demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -93,7 +96,7 @@ async def demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             await engine.plan(apps, start, end)
             return start, end
 
-        code = await _drive(settings, sim.token, apps, prepare, args.quiet)
+        code = await drive(settings, sim.token, apps, prepare, args.quiet)
     async with session.open_ledger(settings) as ledger:
         print_status(await audit.status(ledger, [a.name for a in apps]))
     glob = f"{settings.output.root}/events/*/*/*.parquet"
@@ -107,15 +110,25 @@ async def demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return code
 
 
-async def _drive(
+async def drive(
     settings: Settings,
     token: str,
     apps: list[AppSettings],
     prepare: _Prepare,
     quiet: bool,
     interval: float = 10.0,
+    *,
+    refreshing: str | None = None,
+    accept_shrink: bool = False,
+    finished: _Finished | None = None,
 ) -> int:
-    """Open everything, run ``prepare`` (planning), run the engine under signals, summarise."""
+    """Open everything, run ``prepare`` (planning), run the engine under signals, summarise.
+
+    Before ``prepare``, the apps' recorded settings are checked against the config (a refusal
+    is a ``ConfigError``: nothing planned, nothing submitted) and recorded where missing; the
+    app a ``refresh`` re-pulls (``refreshing``) is recorded by ``finished`` instead, which runs
+    after a run whose requested windows all committed.
+    """
     from backfill.audit import outcome_of_range
     from backfill.client import FlurryClient, Secret, Timeouts
     from backfill.engine import Engine
@@ -132,15 +145,38 @@ async def _drive(
                 base_url=settings.api.base_url, token=Secret(token), timeouts=timeouts
             ) as api,
         ):
+            await recorded.check(ledger, apps, refreshing=refreshing)
+            await recorded.record(ledger, [a for a in apps if a.name != refreshing])
             store = LocalStore(settings.output.root, on_bad_rows=settings.output.on_bad_rows)
-            engine = Engine(settings=settings, ledger=ledger, store=store, api=api)
+            engine = Engine(
+                settings=settings, ledger=ledger, store=store, api=api,
+                **_shrink_option(accept_shrink),
+            )  # fmt: skip
             start, end = await prepare(engine)
             summary = await _run_with_signals(engine, apps, quiet, interval)
             if summary.fatal is None and not summary.interrupted:
                 standing = await outcome_of_range(ledger, [a.name for a in apps], start, end)
                 summary.exit_code = BY_STANDING[standing]
             _print_summary(summary)
+            if finished is not None and summary.exit_code == EXIT_OK:
+                await finished(ledger)
             return summary.exit_code
+
+
+def _shrink_option(accept_shrink: bool) -> dict[str, Any]:
+    """``accept_shrink`` for the engine, if this engine knows it (``refresh --accept-shrink``)."""
+    import inspect
+
+    from backfill.engine import Engine
+
+    if "accept_shrink" in inspect.signature(Engine).parameters:
+        return {"accept_shrink": accept_shrink}
+    if accept_shrink:
+        print(
+            "backfill: warning: --accept-shrink: this engine does not check shrinking re-pulls",
+            file=sys.stderr,
+        )
+    return {}
 
 
 async def _run_with_signals(

@@ -31,8 +31,10 @@ __all__ = [
     "day",
     "demo_config",
     "exclusive",
+    "exclusive_at",
     "load",
     "open_ledger",
+    "open_ledger_at",
     "prologue",
 ]
 
@@ -77,11 +79,14 @@ def chosen(settings: Settings, names: list[str] | None) -> list[AppSettings]:
 
 
 def prologue(
-    args: argparse.Namespace, env: Mapping[str, str]
+    args: argparse.Namespace, env: Mapping[str, str], *, names: list[str] | None = None
 ) -> tuple[Settings, list[AppSettings], str]:
-    """The config, the chosen apps and the token (registered for redaction) of a command."""
+    """The config, the chosen apps and the token (registered for redaction) of a command.
+
+    The apps are ``names`` if given, else those of ``--app``.
+    """
     settings = load(args, env)
-    apps = chosen(settings, args.app)
+    apps = chosen(settings, names if names is not None else args.app)
     token = config.read_token(settings, env)
     logs.register_secret(token)
     return settings, apps, token
@@ -107,7 +112,14 @@ def exclusive(settings: Settings) -> Iterator[None]:
     The lock is an ``flock`` on ``{ledger}.lock``, which holds the pid of the run holding it;
     the kernel releases it when that process dies, so a killed run never leaves it stale.
     """
-    path = settings.ledger_path.with_name(settings.ledger_path.name + ".lock")
+    with exclusive_at(settings.ledger_path):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_at(ledger_path: Path) -> Iterator[None]:
+    """The run lock of the ledger at ``ledger_path`` (see ``exclusive``)."""
+    path = ledger_path.with_name(ledger_path.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         try:
@@ -116,7 +128,7 @@ def exclusive(settings: Settings) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "?"
             raise IntegrityError(
-                f"{settings.ledger_path}: another backfill run (pid {holder}) is using this "
+                f"{ledger_path}: another backfill run (pid {holder}) is using this "
                 "ledger; wait for it or stop it"
             ) from None
         handle.seek(0)
@@ -132,9 +144,16 @@ def exclusive(settings: Settings) -> Iterator[None]:
 @contextlib.asynccontextmanager
 async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
     """The ledger of ``settings``, closed on the way out."""
+    async with open_ledger_at(settings.ledger_path) as ledger:
+        yield ledger
+
+
+@contextlib.asynccontextmanager
+async def open_ledger_at(path: Path) -> AsyncIterator[Ledger]:
+    """The ledger at ``path``, closed on the way out."""
     from backfill.ledger import Ledger
 
-    ledger = await Ledger.open(settings.ledger_path)
+    ledger = await Ledger.open(path)
     try:
         yield ledger
     finally:

@@ -1,23 +1,26 @@
-"""The commands that stand apart from the ledger: ``convert`` and ``simulate``.
+"""The commands that need no API: ``convert`` and ``simulate``.
 
-``convert`` lands one hand-downloaded file with the writer the engine uses; ``simulate`` serves
-the built-in API simulator.  Neither reads the backfill config nor needs a token.
+``convert`` lands one hand-downloaded file with the store the engine uses (into a managed root
+through ``landing``, as a COMMITTED window of the ledger); ``simulate`` serves the built-in API
+simulator.  Neither needs a token.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
 from backfill.cli import session
 from backfill.cli.exits import EXIT_FAILED_WINDOWS, EXIT_OK, EXIT_USAGE
+from backfill.errors import ConfigError
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Mapping
+    from pathlib import Path
 
     from backfill.store import LocalStore
 
@@ -25,36 +28,75 @@ __all__ = ["convert", "simulate"]
 
 
 async def convert(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """``backfill convert``: one file into the Parquet layout; exit 4 if its data is bad."""
+    """``backfill convert``: one file into the Parquet layout; exit 4 if its data is bad.
+
+    Into a managed root (a ledger there, or ``--config``) the file becomes a COMMITTED window
+    (``landing``); into any other folder it lands on its own, as before.
+    """
     import anyio.to_thread
 
+    from backfill.cli import landing
     from backfill.errors import BadDataError
     from backfill.store import LocalStore
 
     if not args.file.is_file():
         print(f"backfill: error: {args.file}: no such file", file=sys.stderr)
         return EXIT_USAGE
-    store = LocalStore(args.out, on_bad_rows=args.on_bad_rows)
+    root, ledger_path, on_bad_rows = _target(args)
+    store = LocalStore(root, on_bad_rows=on_bad_rows)
     try:
-        print(await anyio.to_thread.run_sync(_convert, args, store))
+        if ledger_path is not None:
+            print(await landing.convert(args, store, ledger_path))
+        else:
+            print(await anyio.to_thread.run_sync(_convert, args, store))
     except BadDataError as exc:
         print(f"backfill: error: {args.file}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED_WINDOWS
     return EXIT_OK
 
 
+def _target(args: argparse.Namespace) -> tuple[Path, Path | None, Literal["fail", "quarantine"]]:
+    """The root, its ledger (None: not a managed root) and what to do with bad rows."""
+    from backfill import config
+
+    if args.config is not None:
+        settings = config.load(args.config)
+        root = settings.output.root
+        if args.out is not None and args.out.resolve() != root.resolve():
+            raise ConfigError(f"--out {args.out}: not the output root of {args.config} ({root})")
+        return root, settings.ledger_path, args.on_bad_rows or settings.output.on_bad_rows
+    if args.out is None:
+        raise ConfigError("convert: give --out (the output root) or --config")
+    ledger = args.out / "_ledger.sqlite"
+    if ledger.exists():
+        return args.out, ledger, args.on_bad_rows or "fail"
+    if args.replace or args.start is not None or args.end is not None:
+        raise ConfigError(
+            f"--replace, --start and --end need a managed root; {args.out} has no ledger"
+        )
+    return args.out, None, args.on_bad_rows or "fail"
+
+
 def _convert(args: argparse.Namespace, store: LocalStore) -> str:
     """Stage and publish ``args.file`` (in a worker thread); the line that reports it."""
     import hashlib
+
+    from backfill.layout import manifest_owner, partition_value
 
     digest = hashlib.sha256()
     with args.file.open("rb") as handle:
         while piece := handle.read(1 << 20):
             digest.update(piece)
-    # The same file always lands as the same window; a new attempt replaces the old one.
+    # The same file always lands as the same window of its app; a new attempt replaces the old
+    # one.  The same file under another app is another window: its files are left alone.
     window_id = int(digest.hexdigest()[:12], 16)
-    earlier = [p for p in store.manifests() if p.name.startswith(f"{window_id}.")]
-    attempt = 1 + max((int(p.name.split(".")[1]) for p in earlier), default=-1)
+    folder = store.layout.manifests / partition_value(args.app)
+    earlier = [
+        (owner[1], path)
+        for path in (sorted(folder.glob("*.json")) if folder.exists() else [])
+        if (owner := manifest_owner(path.name)) is not None and owner[0] == window_id
+    ]
+    attempt = 1 + max((a for a, _ in earlier), default=-1)
     manifest = store.stage(
         app=args.app,
         window_id=window_id,
@@ -64,7 +106,7 @@ def _convert(args: argparse.Namespace, store: LocalStore) -> str:
         source=args.file,
     )
     store.publish(manifest)
-    for path in earlier:
+    for _, path in earlier:
         store.remove(store.load_manifest(path))
     days = sorted({f.partition for f in manifest.files})
     span = f"{days[0]} .. {days[-1]}" if days else "no rows"

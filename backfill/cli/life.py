@@ -1,0 +1,174 @@
+"""The commands for the life of an app's data after its backfill: ``refresh`` and ``forget``.
+
+``refresh`` re-pulls committed windows on purpose (Flurry reprocessed data, the filters
+changed, ``verify`` found damage): it sends them back to PENDING through the engine, which
+replaces their files by range, and records the config's settings once every window of the app
+was pulled with them.  ``forget`` removes an app's output and its ledger rows, for an app that
+is retired or was added by mistake.  Both hold the run lock.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+
+from backfill.cli import recorded, runs, session
+from backfill.cli.exits import EXIT_OK, EXIT_USAGE
+from backfill.errors import ConfigError, IntegrityError
+from backfill.models import WindowState
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from backfill.engine import Engine
+    from backfill.layout import Layout
+    from backfill.ledger import Ledger
+    from backfill.ledger_schema import RecordedSettings
+    from backfill.models import WindowRecord
+    from backfill.ports import LedgerPort
+
+__all__ = ["app_folders", "forget", "refresh", "refresh_choice"]
+
+
+async def refresh_choice(
+    ledger: LedgerPort,
+    root: Path,
+    app: str,
+    start: int | None,
+    end: int | None,
+    *,
+    damaged: bool = False,
+) -> list[WindowRecord]:
+    """The windows ``refresh`` pulls again: ``app``'s committed ones overlapping the range.
+
+    With ``damaged``, exactly the windows whose live files ``verify`` finds damaged (missing,
+    changed, truncated, unreadable), whatever their state.
+    """
+    records = [
+        r
+        for r in await ledger.windows(apps=[app])
+        if (start is None or r.window.end > start) and (end is None or r.window.start < end)
+    ]
+    if not damaged:
+        return [r for r in records if r.state is WindowState.COMMITTED]
+    from backfill import audit
+    from backfill.store import LocalStore
+
+    problems = await audit.verify(ledger, LocalStore(root))
+    broken = {p.window_id for p in problems if p.window_id is not None}
+    return [r for r in records if r.id in broken and r.committed_attempt is not None]
+
+
+async def refresh(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``backfill refresh``: pull committed windows of one app again with the config's settings."""
+    session.check_order(args)
+    settings, apps, token = session.prologue(args, env, names=[args.app])
+    app = apps[0]
+    whole: list[bool] = []
+
+    async def prepare(engine: Engine) -> tuple[int | None, int | None]:
+        chosen = await refresh_choice(
+            engine.ledger, settings.output.root, app.name, args.start, args.end,
+            damaged=args.damaged,
+        )  # fmt: skip
+        records = await engine.ledger.windows(apps=[app.name])
+        live = {r.id for r in records if r.committed_attempt is not None}
+        whole.append({r.id for r in chosen} >= live)
+        for record in chosen:
+            if record.state is WindowState.COMMITTED:
+                await engine.requeue_committed(app, record.window.start, record.window.end)
+        print(f"refreshing {len(chosen)} window{'s' * (len(chosen) != 1)} of {app.name}")
+        if not chosen:
+            return args.start, args.end
+        return min(r.window.start for r in chosen), max(r.window.end for r in chosen)
+
+    async def finished(ledger: Ledger) -> None:
+        if whole and whole[0]:
+            await recorded.record(ledger, [app])
+        elif not await _unchanged(ledger, app.name, recorded.settings_of(app)):
+            print(
+                f"note: windows of {app.name} outside the refreshed range hold rows pulled with "
+                "the old settings; refresh them too before the next run or sync",
+                file=sys.stderr,
+            )
+
+    return await runs.drive(
+        settings, token, apps, prepare, args.quiet, args.progress_interval,
+        refreshing=app.name, accept_shrink=args.accept_shrink, finished=finished,
+    )  # fmt: skip
+
+
+async def _unchanged(ledger: Ledger, app: str, wanted: RecordedSettings) -> bool:
+    from backfill import guard
+
+    return guard.same(await ledger.recorded_settings(app), wanted)
+
+
+def app_folders(layout: Layout, app: str) -> list[Path]:
+    """Every folder of ``app``'s output under the root (events, manifests, downloads, ...)."""
+    from backfill.layout import partition_value
+
+    value = partition_value(app)
+    return [
+        layout.inside(layout.events / f"app={value}"),
+        layout.inside(layout.manifests / value),
+        layout.inside(layout.downloads / value),
+        layout.inside(layout.staging / value),
+        layout.inside(layout.rejects / value),
+    ]
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _remove(folder: Path) -> None:
+    if folder.is_symlink():  # its target may lie outside the root: never follow it
+        raise IntegrityError(f"refusing to remove {folder}: a symbolic link")
+    shutil.rmtree(folder)
+
+
+async def forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """``backfill forget``: an app's output and ledger rows removed (with ``--yes``)."""
+    from backfill.store import LocalStore
+
+    settings = session.load(args, env)
+    name = args.app
+    if not settings.ledger_path.exists():
+        raise ConfigError(f"{settings.ledger_path}: no ledger, nothing to forget")
+    with session.exclusive(settings):
+        async with session.open_ledger(settings) as ledger:
+            records = await ledger.windows(apps=[name])
+            known = await ledger.recorded_settings(name) is not None
+            layout = LocalStore(settings.output.root).layout
+            folders = [f for f in app_folders(layout, name) if f.exists() or f.is_symlink()]
+            if not records and not known and not folders:
+                raise ConfigError(f"forget: no app {name!r} in the ledger or under {layout.root}")
+            size = sum([await anyio.to_thread.run_sync(_size, f) for f in folders])
+            live = [r for r in records if r.committed_attempt is not None]
+            rows = sum(r.rows or 0 for r in live)
+            what = (
+                f"{len(records)} windows ({len(live)} with landed files, {rows:,} rows) and "
+                f"{size:,} bytes in {len(folders)} folders"
+            )
+            if not args.yes:
+                print(f"forget {name}: would delete {what}:")
+                for folder in folders:
+                    print(f"  {folder}")
+                print(f"run again with --yes to delete them: backfill forget --app {name} --yes")
+                return EXIT_USAGE
+            for folder in folders:  # the files first: a kill leaves rows to forget again
+                await anyio.to_thread.run_sync(_remove, folder)
+            await ledger.forget(name)
+    print(f"forgot {name}: removed {what}")
+    if any(a.name == name for a in settings.apps):
+        print(
+            f"note: {name} is still in {settings.source}: the next run pulls it again",
+            file=sys.stderr,
+        )
+    return EXIT_OK
