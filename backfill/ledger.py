@@ -26,13 +26,13 @@ import anyio.to_thread
 
 from backfill import crashpoints, planner
 from backfill.errors import LedgerError, StaleAttemptError
+from backfill.ledger_apps import AppFacts
 from backfill.ledger_schema import (
     COLUMNS,
     MIGRATIONS,
     UPDATABLE,
     RecordedSettings,
     record_of,
-    settings_of,
 )
 from backfill.models import (
     UNFINISHED,
@@ -54,7 +54,7 @@ __all__ = ["Ledger", "RecordedSettings"]
 T = TypeVar("T")
 
 
-class Ledger:
+class Ledger(AppFacts):
     """The window ledger on one SQLite file.  Open with ``await Ledger.open(path)``."""
 
     def __init__(self, connection: sqlite3.Connection, clock: Callable[[], float]) -> None:
@@ -174,20 +174,6 @@ class Ledger:
             replaces=replaces,
         )
 
-    async def learned_size(self, app: str) -> int | None:
-        """The window size learned for ``app`` from too-large refusals, if any."""
-        row = await self._run(self._fetchone, "SELECT size_ms FROM app_sizes WHERE app = ?", (app,))
-        return None if row is None else int(row[0])
-
-    async def learn_size(self, app: str, size_ms: int) -> None:
-        """Remember ``size_ms`` for ``app`` if it is smaller than what was known."""
-        sql = (
-            "INSERT INTO app_sizes (app, size_ms, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (app) DO UPDATE SET size_ms = MIN(size_ms, excluded.size_ms), "
-            "updated_at = excluded.updated_at"
-        )
-        await self._run(self._write, self._execute, sql, (app, size_ms, self._now()))
-
     # -- compare-and-set moves -------------------------------------------------------------
 
     async def advance(
@@ -303,50 +289,58 @@ class Ledger:
         )
         return [self._get(r.id) for r in done]
 
-    # -- per-app facts -------------------------------------------------------------------------
+    async def next_id(self) -> int:
+        """The id the next inserted window will get (stable while the caller holds the run lock)."""
+        row = await self._run(self._fetchone, "SELECT COALESCE(MAX(id), 0) + 1 FROM windows")
+        return 1 if row is None else int(row[0])
 
-    async def newest_committed_end(self, app: str) -> int | None:
-        """The end of ``app``'s newest window with live rows, or None."""
-        sql = "SELECT MAX(end_ms) FROM windows WHERE app = ? AND committed_attempt IS NOT NULL"
-        row = await self._run(self._fetchone, sql, (app,))
-        return None if row is None or row[0] is None else int(row[0])
-
-    async def recorded_settings(self, app: str) -> RecordedSettings | None:
-        """The settings ``app``'s committed rows were pulled with, if recorded."""
-        sql = "SELECT app, api_key, app_versions, event_ids FROM app_settings WHERE app = ?"
-        row = await self._run(self._fetchone, sql, (app,))
-        return None if row is None else settings_of(row)
-
-    async def app_with_key(self, api_key: str) -> str | None:
-        """The app recorded with ``api_key``, if any."""
-        sql = "SELECT app FROM app_settings WHERE api_key = ?"
-        row = await self._run(self._fetchone, sql, (api_key,))
-        return None if row is None else str(row[0])
-
-    async def record_settings(self, settings: RecordedSettings) -> None:
-        """Record (or replace) the settings ``settings.app``'s rows are pulled with."""
-        sql = (
-            "INSERT INTO app_settings (app, api_key, app_versions, event_ids, updated_at) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (app) DO UPDATE SET api_key = excluded.api_key, "
-            "app_versions = excluded.app_versions, event_ids = excluded.event_ids, "
-            "updated_at = excluded.updated_at"
+    async def replace_range(
+        self,
+        retired: Sequence[WindowRecord],
+        outside: Sequence[tuple[Window, int]],
+        window: Window,
+        *,
+        window_id: int,
+        rows: int,
+        size: int,
+        manifest: str,
+    ) -> WindowRecord:
+        """One transaction: ``retired`` SPLIT with no live files, ``window`` COMMITTED under
+        ``window_id`` (its files already published), and the parts of ``retired`` outside it
+        planned again (PENDING, children of their window).  Raises ``StaleAttemptError``."""
+        for record in retired:
+            advance(record.state, WindowState.SPLIT)
+        landed = (window, window_id, rows, size, manifest)
+        return await self._run(
+            self._write, self._replace_range, list(retired), list(outside), landed
         )
-        params = (settings.app, settings.api_key, ",".join(settings.app_versions),
-                  ",".join(settings.event_ids), self._now())  # fmt: skip
-        await self._run(self._write, self._execute, sql, params)
 
-    async def forget(self, app: str) -> int:
-        """Delete every row of ``app`` (windows, learned size, settings); returns the windows."""
-        return await self._run(self._write, self._forget, app)
-
-    def _forget(self, app: str) -> int:
+    def _replace_range(
+        self,
+        retired: list[WindowRecord],
+        outside: list[tuple[Window, int]],
+        landed: tuple[Window, int, int, int, str],
+    ) -> WindowRecord:
+        now = self._now()
+        for record in retired:
+            moved = self._db.execute(
+                "UPDATE windows SET state = ?, committed_attempt = NULL, updated_at = ? "
+                "WHERE id = ? AND attempt = ? AND state = ?",
+                (WindowState.SPLIT, now, record.id, record.attempt, record.state),
+            ).rowcount
+            if moved != 1:
+                raise StaleAttemptError(f"window {record.id} moved while its range was replaced")
+        window, window_id, rows, size, manifest = landed
         self._db.execute(
-            "UPDATE windows SET parent_id = NULL, replaces = NULL WHERE app = ?", (app,)
-        )
-        count = self._db.execute("DELETE FROM windows WHERE app = ?", (app,)).rowcount
-        self._db.execute("DELETE FROM app_sizes WHERE app = ?", (app,))
-        self._db.execute("DELETE FROM app_settings WHERE app = ?", (app,))
-        return int(count)
+            "INSERT INTO windows (id, app, start_ms, end_ms, state, attempt, rows, bytes, "
+            "manifest, committed_attempt, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)",
+            (window_id, window.app, window.start, window.end, WindowState.COMMITTED, rows, size,
+             manifest, now, now),
+        )  # fmt: skip
+        for part, parent in outside:
+            self._insert(part, parent, None)
+        return self._get(window_id)
 
     # -- queries ---------------------------------------------------------------------------
 

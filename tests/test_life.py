@@ -43,7 +43,7 @@ async def _backfill(base: str, root: Path, app: AppProfile = SMALL) -> tuple[int
 
 async def _sync(
     base: str, root: Path, app: AppProfile = SMALL, **kwargs: object
-) -> tuple[list[WindowRecord], list[str]]:
+) -> tuple[list[WindowRecord], list[audit.Problem]]:
     settings = engine_settings(base, root, history_days=60, apps=(app,))
     async with engine(settings, **kwargs) as run:
         await run.prepare_sync(settings.apps)

@@ -30,8 +30,8 @@ import anyio.to_thread
 
 from backfill import commit
 from backfill.cli import session
-from backfill.errors import ConfigError, StaleAttemptError
-from backfill.models import DAY_MS, Window, WindowState, advance, iso
+from backfill.errors import ConfigError
+from backfill.models import DAY_MS, Window, WindowState, iso
 
 if TYPE_CHECKING:
     import argparse
@@ -165,8 +165,7 @@ async def _replace(
             )
         pending.append(record)
     # The run lock is held: no other writer can take this id before the swap inserts it.
-    row = await ledger._run(ledger._fetchone, "SELECT COALESCE(MAX(id), 0) + 1 FROM windows")
-    window_id = int(row[0]) if row is not None else 1
+    window_id = await ledger.next_id()
     manifest = await anyio.to_thread.run_sync(
         lambda: store.stage(
             app=app, window_id=window_id, attempt=0, start_ms=start, end_ms=end, source=source
@@ -180,9 +179,10 @@ async def _replace(
         if a < b
     ]
     new = Window(app=app, start=start, end=end)
-    await ledger._run(
-        ledger._write, _swap, ledger, pending, outside, new, window_id, manifest, str(path)
-    )
+    await ledger.replace_range(
+        pending, outside, new, window_id=window_id, rows=manifest.rows, size=manifest.size,
+        manifest=str(path),
+    )  # fmt: skip
     for record in hit:  # only now: the converted window is the live one
         if record.committed_attempt is not None:
             old = await anyio.to_thread.run_sync(
@@ -191,38 +191,3 @@ async def _replace(
             if old is not None:
                 await anyio.to_thread.run_sync(store.remove, old)
     return await ledger.get(window_id)
-
-
-def _swap(
-    ledger: Ledger,
-    retired: list[WindowRecord],
-    outside: list[tuple[Window, int]],
-    new: Window,
-    window_id: int,
-    manifest: Manifest,
-    path: str,
-) -> None:
-    """One transaction: ``retired`` SPLIT with no live files, the converted window COMMITTED,
-    and the parts of ``retired`` outside it planned again (PENDING, children of their window).
-
-    To move into ``Ledger`` (as ``replace_range``); it uses the ledger's connection as its
-    own methods do, inside the ``BEGIN IMMEDIATE`` of ``Ledger._write``.
-    """
-    db, now = ledger._db, ledger._now()
-    for record in retired:
-        advance(record.state, S.SPLIT)
-        moved = db.execute(
-            "UPDATE windows SET state = ?, committed_attempt = NULL, updated_at = ? "
-            "WHERE id = ? AND attempt = ? AND state = ?",
-            (S.SPLIT, now, record.id, record.attempt, record.state),
-        ).rowcount
-        if moved != 1:
-            raise StaleAttemptError(f"window {record.id} moved while a file was converted")
-    db.execute(
-        "INSERT INTO windows (id, app, start_ms, end_ms, state, attempt, rows, bytes, manifest, "
-        "committed_attempt, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, 0, ?, ?)",
-        (window_id, new.app, new.start, new.end, S.COMMITTED, manifest.rows, manifest.size,
-         path, now, now),
-    )  # fmt: skip
-    for window, parent in outside:
-        ledger._insert(window, parent, None)

@@ -82,6 +82,14 @@ async def refresh(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         for record in chosen:
             if record.state is WindowState.COMMITTED:
                 await engine.requeue_committed(app, record.window.start, record.window.end)
+        if args.accept_shrink:  # the re-pulls held for shrinking go again, and are accepted
+            for record in records:
+                in_range = (args.start is None or record.window.end > args.start) and (
+                    args.end is None or record.window.start < args.end
+                )
+                if record.error_class == "ShrinkError" and in_range:
+                    if record.state is WindowState.FAILED:
+                        chosen.append(await engine.ledger.retry(record))
         print(f"refreshing {len(chosen)} window{'s' * (len(chosen) != 1)} of {app.name}")
         if not chosen:
             return args.start, args.end

@@ -149,9 +149,8 @@ async def drive(
             await recorded.record(ledger, [a for a in apps if a.name != refreshing])
             store = LocalStore(settings.output.root, on_bad_rows=settings.output.on_bad_rows)
             engine = Engine(
-                settings=settings, ledger=ledger, store=store, api=api,
-                **_shrink_option(accept_shrink),
-            )  # fmt: skip
+                settings=settings, ledger=ledger, store=store, api=api, accept_shrink=accept_shrink
+            )
             start, end = await prepare(engine)
             summary = await _run_with_signals(engine, apps, quiet, interval)
             if summary.fatal is None and not summary.interrupted:
@@ -161,22 +160,6 @@ async def drive(
             if finished is not None and summary.exit_code == EXIT_OK:
                 await finished(ledger)
             return summary.exit_code
-
-
-def _shrink_option(accept_shrink: bool) -> dict[str, Any]:
-    """``accept_shrink`` for the engine, if this engine knows it (``refresh --accept-shrink``)."""
-    import inspect
-
-    from backfill.engine import Engine
-
-    if "accept_shrink" in inspect.signature(Engine).parameters:
-        return {"accept_shrink": accept_shrink}
-    if accept_shrink:
-        print(
-            "backfill: warning: --accept-shrink: this engine does not check shrinking re-pulls",
-            file=sys.stderr,
-        )
-    return {}
 
 
 async def _run_with_signals(
