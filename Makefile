@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Two workers (pytest-xdist; one on a one-core machine): every test binds port 0, works under its
+# own tmp_path and passes its environment to subprocesses explicitly, so none shares state.
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses=2
 
 test-crash: $(STAMP)
 	$(BIN)/pytest -m crash tests/test_crash_sweep.py
