@@ -24,8 +24,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Two workers (pytest-xdist; one on a one-core machine): every test binds port 0, works under its
+# own tmp_path and passes its environment to subprocesses explicitly, so none shares state.
+# worksteal: a few tests take 20-60 s, and an idle worker takes queued tests from a busy one.
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --maxprocesses=2 --dist worksteal
 
 test-crash: $(STAMP)
 	$(BIN)/pytest -m crash tests/test_crash_sweep.py

@@ -11,6 +11,7 @@ guarded by ``If-Range`` (the ETag), so a changed object is fetched again from th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -256,6 +257,15 @@ def _total(response: aiohttp.ClientResponse) -> int | None:
     return length
 
 
+_QUERY = re.compile(r"(https?://[^\s?#\"']+)\?[^\s#\"']*")
+
+
 def _describe(exc: BaseException) -> str:
+    """The exception's class and text, with any URL's query string cut off.
+
+    aiohttp's own texts can carry the full URL (``InvalidURL``, ``TooManyRedirects``), and a
+    presigned link's signature must not reach an error message, the ledger or a log.
+    """
     text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+    text = f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+    return _QUERY.sub(r"\1", text)

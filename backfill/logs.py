@@ -1,9 +1,10 @@
 """Logging: structlog set up once, JSON lines off a terminal, console lines on one, secrets out.
 
-Events are named ``<component>.<action>.<outcome>`` (``window.submit.ok``).  Two processors stand
-between every event and its output: ``redact_urls`` cuts the query string (a presigned link's
-signature) off every URL, and ``redact_secrets`` replaces each registered secret (the API token)
-wherever it appears, in any value.  Nothing else calls ``structlog.configure``.
+Events are named ``<component>.<action>.<outcome>`` (``window.submit.ok``).  One processor,
+``redact``, stands between every event and its output: in every value, nested or not (strings,
+dicts, lists, tuples, exceptions), it cuts the query string (a presigned link's signature) off
+every URL and replaces each registered secret (the API token) with ``***``.  Nothing else calls
+``structlog.configure``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import structlog
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
 
-__all__ = ["configure", "get", "redact_secrets", "redact_urls", "register_secret"]
+__all__ = ["configure", "get", "redact", "register_secret"]
 
 _SECRETS: set[str] = set()
 _URL = re.compile(r"(https?://[^\s?#\"']+)\?[^\s#\"']*")
@@ -31,6 +32,7 @@ def register_secret(value: str) -> None:
 
 
 def _scrub(value: Any) -> Any:
+    """``value`` with URL query strings cut and registered secrets replaced, at any depth."""
     if isinstance(value, str):
         value = _URL.sub(r"\1?…", value)
         for secret in _SECRETS:
@@ -45,13 +47,8 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def redact_urls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Cut query strings off URLs in every value (presigned links carry their signature there)."""
-    return {k: _scrub(v) if isinstance(v, str) else v for k, v in event.items()}
-
-
-def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace every registered secret, in any value, nested or not."""
+def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The structlog processor: every value scrubbed (URL query strings cut, secrets replaced)."""
     return {k: _scrub(v) for k, v in event.items()}
 
 
@@ -76,8 +73,7 @@ def configure(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            redact_urls,
-            redact_secrets,
+            redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -22,7 +22,22 @@ from tests.simkit import TOKEN
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from anyio.abc import Process
+
 HISTORY_DAYS = 90
+
+
+def _calls(log: Path) -> int:
+    """How many calls the simulator has logged so far (one JSON line each)."""
+    return log.read_bytes().count(b"\n") if log.exists() else 0
+
+
+async def _work_started(process: Process, log: Path, calls: int) -> None:
+    """Return once the simulator has logged ``calls`` calls in all, or the run has ended."""
+    with anyio.fail_after(60):
+        # The signal is a file another process writes: there is no event to await, so poll it.
+        while process.returncode is None and _calls(log) < calls:  # noqa: ASYNC110  # see above
+            await anyio.sleep(0.02)
 
 
 @pytest.mark.timeout(420)
@@ -37,8 +52,10 @@ async def test_ten_kills_then_a_clean_run_lands_exactly_the_truth_without_resubm
         config = write_config(tmp_path, base, history_days=HISTORY_DAYS)
         command = [sys.executable, "-m", "backfill.cli", "run", "--config", str(config), "--quiet"]
         for _ in range(10):
+            seen = _calls(calls_path)
             async with await anyio.open_process(command, cwd=ROOT, env=env) as process:
-                await anyio.sleep(rng.uniform(0.3, 2.5))
+                # Kill at a seeded moment of real work: once this run's k-th call reached the API.
+                await _work_started(process, calls_path, seen + rng.randint(1, 12))
                 if process.returncode is None:
                     process.send_signal(signal.SIGKILL)
                     kills += 1

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from anyio.abc import Process
+
     from backfill.config import Settings
+    from backfill.simulator import Simulator
 
 S = WindowState
 SMALL, MEDIUM, LARGE = APPS
@@ -123,19 +126,28 @@ async def test_data_that_changes_between_two_attempts_lands_once_from_the_newer(
     assert landed(tmp_path / "out", MEDIUM.name) != truth(old, MEDIUM.name, start, end)
 
 
+async def _release_once_the_run_waited(holder: Process, served: Simulator, began: float) -> None:
+    """Let the holder commit once the run has been held up 1 s without reaching the API."""
+    assert holder.stdin is not None
+    while anyio.current_time() - began < 1.0:  # the wait is what is measured
+        assert served.calls == [], "the run got past the locked ledger"
+        await anyio.sleep(0.05)
+    await holder.stdin.send(b"release\n")
+
+
 async def test_the_ledger_locked_by_another_process_makes_the_run_wait(tmp_path: Path) -> None:
     sim = sim_settings()
-    async with simulator(sim) as (_, base):
+    async with simulator(sim) as (served, base):
         settings = engine_settings(base, tmp_path / "out", history_days=30, apps=(SMALL, MEDIUM))
         async with engine(settings):
             pass  # create the ledger
         holder = textwrap.dedent(
             f"""
-            import sqlite3, sys, time
+            import sqlite3, sys
             db = sqlite3.connect({str(settings.ledger_path)!r}, isolation_level=None)
             db.execute("BEGIN EXCLUSIVE")
             print("locked", flush=True)
-            time.sleep(2.5)
+            sys.stdin.readline()  # held until the test has seen the run wait
             db.execute("COMMIT")
             """
         )
@@ -143,8 +155,10 @@ async def test_the_ledger_locked_by_another_process_makes_the_run_wait(tmp_path:
             assert process.stdout is not None
             assert (await process.stdout.receive()).strip() == b"locked"
             began = anyio.current_time()
-            summary, _ = await _run(settings)
-            waited = anyio.current_time() - began
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_release_once_the_run_waited, process, served, began)
+                summary, _ = await _run(settings)
+                waited = anyio.current_time() - began  # the run's own time, not the helper's
         assert summary.failed == 0 and waited >= 1.0, (
             "the run waited for the lock instead of failing"
         )
