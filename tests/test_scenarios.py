@@ -91,9 +91,10 @@ async def test_a_request_that_never_finishes_is_resubmitted_a_bounded_number_of_
 ) -> None:
     stuck = sim_settings(faults=Faults(stuck=1.0))
     async with simulator(stuck) as (served, base):
-        settings = engine_settings(
-            base, tmp_path / "out", history_days=20, apps=(SMALL,), request_timeout_s=0.3
-        )
+        settings = engine_settings(  # no day windows near now: one window to watch
+            base, tmp_path / "out", history_days=20, apps=(SMALL,), request_timeout_s=0.3,
+            lookback_days=0,
+        )  # fmt: skip
         summary, records = await _run(settings)
         posts = [c for c in served.calls if c.kind == "submit" and c.status == 200]
     assert summary.failed == 1 and all(r.state is S.FAILED and r.retryable for r in records)
