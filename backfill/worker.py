@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 
 from backfill import commit, lifecycle, planner
-from backfill.errors import AuthError, WindowError
+from backfill.errors import AuthError, StaleAttemptError, WindowError
 from backfill.events import WindowEvent
 from backfill.lifecycle import Effect, Event, Outcome, Progress
 from backfill.models import HOUR_MS, WindowState
@@ -102,6 +102,9 @@ class Worker:
             turn.accepted_at = self.c.clock() - waited
         try:
             return [*await self._drive(turn), *turn.follow]
+        except StaleAttemptError as exc:  # another worker moved it: that one carries on
+            self._emit("window.turn.stale", turn.record, reason=str(exc))
+            return turn.follow
         finally:
             turn.slot.release()
 
@@ -301,12 +304,12 @@ class Worker:
 
     async def _land(self, turn: _Turn) -> Outcome:
         record = turn.record
+        if record.replaces is not None:  # another member may land it meanwhile: ask under lock
+            async with self.c.group_lock:
+                return await self._land_group(turn)
         source = self.c.store.download_path(record.window.app, record.id, record.attempt)
         if not source.exists():
             return Outcome(event=Event.DOWNLOAD_LOST, detail="the download file is missing")
-        if record.replaces is not None:
-            async with self.c.group_lock:
-                return await self._land_group(turn)
         async with self.c.budget.conversions:
             turn.record = await commit.land(
                 self.c.ledger, self.c.store, record, source, min_share=self.c.min_share
