@@ -11,6 +11,7 @@ guarded by ``If-Range`` (the ETag), so a changed object is fetched again from th
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,12 +19,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiofiles
 import aiohttp
+import anyio.to_thread
 
 from backfill import crashpoints, protocol
-from backfill.errors import TransportError, Where
+from backfill.errors import ServerError, TransportError, Where
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
     from backfill.models import Window
 
@@ -186,66 +190,85 @@ class FlurryClient:
     # -- download --------------------------------------------------------------------------
 
     async def download(self, url: str, target: Path, *, window: Window, request_id: str) -> int:
-        """Stream the link's body into ``target``; returns its size in bytes.
+        """Stream the link's body into ``target``, fsynced; returns its size in bytes.
 
         Resumes a cut transfer with ``Range`` + ``If-Range`` up to ``max_resumes`` times; raises
-        ``LinkExpiredError`` (poll again for a new link), ``TransportError`` or ``ServerError``.
+        ``LinkExpiredError`` (poll again for a new link), ``TransportError`` or ``ServerError``
+        (also for an empty body: under the contract even a window with no rows is a gzip file).
         """
         assert self._downloads is not None, "use the client as an async context manager"
-        where: Where = {
-            "app": window.app,
-            "window": window.label,
-            "request_id": request_id,
-        }
+        where: Where = {"app": window.app, "window": window.label, "request_id": request_id}
         target.parent.mkdir(parents=True, exist_ok=True)
-        received, total, etag = 0, None, None
-        resumes = 0
+        transfer = _Transfer()
         async with aiofiles.open(target, "wb") as out:
             while True:
-                headers = {}
-                if received:
-                    headers["Range"] = f"bytes={received}-"
-                    if etag:
-                        headers["If-Range"] = etag
-                self.calls.download += 1
                 try:
-                    async with self._downloads.get(url, headers=headers) as response:
-                        if response.status not in (200, 206):
-                            raw = await response.read()
-                            raise protocol.parse_download_error(
-                                response.status,
-                                dict(response.headers),
-                                raw,
-                                request_id=request_id,
-                                app=window.app,
-                                window=window.label,
-                            )
-                        if response.status == 200 and received:  # the object changed: start over
-                            await out.seek(0)
-                            await out.truncate()
-                            received = 0
-                        if total is None or response.status == 200:
-                            total = _total(response)
-                            etag = response.headers.get("ETag")
-                        async for piece in response.content.iter_chunked(self.chunk_bytes):
-                            await out.write(piece)
-                            received += len(piece)
-                            crashpoints.hit("client.download.chunk")
-                    if total is not None and received != total:
-                        raise aiohttp.ClientPayloadError(f"received {received} of {total} bytes")
+                    await self._fetch(url, out, transfer, window, request_id)
                     break
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    if resumes >= self.max_resumes or total is None:
+                    if transfer.resumes >= self.max_resumes or transfer.total is None:
                         raise TransportError(
-                            f"download from {safe_url(url)} failed after {received} bytes: "
-                            f"{_describe(exc)}",
+                            f"download from {safe_url(url)} failed after {transfer.received} "
+                            f"bytes: {_describe(exc)}",
                             **where,
                         ) from exc
-                    resumes += 1
+                    transfer.resumes += 1
                     self.calls.resumed += 1
                     await out.flush()
             await out.flush()
-        return received
+            await anyio.to_thread.run_sync(os.fsync, out.fileno())  # on disk before DOWNLOADED
+        if transfer.received == 0:
+            raise ServerError("the download is empty (0 bytes), not a gzip file", **where)
+        return transfer.received
+
+    async def _fetch(
+        self,
+        url: str,
+        out: AsyncBufferedIOBase,
+        transfer: _Transfer,
+        window: Window,
+        request_id: str,
+    ) -> None:
+        """One GET of the link (from where the last one stopped), written to ``out``."""
+        assert self._downloads is not None
+        headers = {}
+        if transfer.received:
+            headers["Range"] = f"bytes={transfer.received}-"
+            if transfer.etag:
+                headers["If-Range"] = transfer.etag
+        self.calls.download += 1
+        async with self._downloads.get(url, headers=headers) as response:
+            if response.status not in (200, 206):
+                raw = await response.read()
+                raise protocol.parse_download_error(
+                    response.status, dict(response.headers), raw, request_id=request_id,
+                    app=window.app, window=window.label,
+                )  # fmt: skip
+            if response.status == 200 and transfer.received:  # the object changed: start over
+                await out.seek(0)
+                await out.truncate()
+                transfer.received = 0
+            if transfer.total is None or response.status == 200:
+                transfer.total = _total(response)
+                transfer.etag = response.headers.get("ETag")
+            async for piece in response.content.iter_chunked(self.chunk_bytes):
+                await out.write(piece)
+                transfer.received += len(piece)
+                crashpoints.hit("client.download.chunk")
+        if transfer.total is not None and transfer.received != transfer.total:
+            raise aiohttp.ClientPayloadError(
+                f"received {transfer.received} of {transfer.total} bytes"
+            )
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """How far one download has come."""
+
+    received: int = 0
+    total: int | None = None
+    etag: str | None = None
+    resumes: int = 0
 
 
 def _total(response: aiohttp.ClientResponse) -> int | None:

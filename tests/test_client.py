@@ -365,6 +365,15 @@ async def test_a_download_streams_to_the_file_without_the_token(
     assert (api.calls.download, api.calls.resumed) == (1, 0)
 
 
+async def test_an_empty_download_is_an_error_not_an_empty_window(
+    http: aioresponses, api: FlurryClient, tmp_path: Path
+) -> None:
+    http.get(LINK, body=b"", headers={"Content-Length": "0"})
+    with pytest.raises(ServerError, match="empty") as caught:
+        await api.download(LINK, tmp_path / "26.json.gz", window=WINDOW, request_id="26")
+    assert caught.value.request_id == "26" and "X-Amz-Signature" not in str(caught.value)
+
+
 async def test_a_cut_download_resumes_with_range_and_if_range(
     http: aioresponses, api: FlurryClient, tmp_path: Path
 ) -> None:

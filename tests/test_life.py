@@ -149,3 +149,25 @@ async def test_a_row_outside_its_window_never_lands(
         assert summary.failed == 0
         assert landed(root, SMALL.name) == truth(sim, SMALL.name, start, end)
     assert problems == []
+
+
+async def test_an_empty_download_never_commits_an_empty_window(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    empty = sim_settings(apps=(SMALL,), faults=Faults(empty_download=1.0))
+    async with simulator(empty) as (_, base):
+        settings = engine_settings(base, root, history_days=10, apps=(SMALL,), max_attempts=2)
+        async with engine(settings) as run:
+            start, end, _ = run.clamp(None, None)
+            await run.plan(settings.apps, start, end)
+            summary = await run.run(settings.apps)
+            records = await run.ledger.windows()
+    assert summary.committed == 0 and summary.failed == len(records)
+    assert all(r.retryable and "empty" in (r.error_message or "") for r in records)
+    assert landed(root, SMALL.name) == []
+    healthy = sim_settings(apps=(SMALL,))
+    async with simulator(healthy) as (_, base):
+        async with engine(engine_settings(base, root, history_days=10, apps=(SMALL,))) as run:
+            await run.requeue_failed(run.settings.apps)
+            await run.run(run.settings.apps)
+            assert await audit.verify(run.ledger, run.store) == []
+    assert landed(root, SMALL.name) == truth(healthy, SMALL.name, start, end)
