@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from backfill.errors import LedgerError
 from backfill.models import Changes, Window, WindowRecord, WindowState
 
 if TYPE_CHECKING:
@@ -73,12 +74,22 @@ COLUMNS = (
 UPDATABLE = Changes.__optional_keys__ | {"committed_attempt"}
 
 
+def _state(row: sqlite3.Row) -> WindowState:
+    try:
+        return WindowState(row["state"])
+    except ValueError:
+        raise LedgerError(
+            f"window {row['id']} has the state {row['state']!r}, which this backfill does not "
+            "know (written by a newer version, or edited by hand); upgrade backfill or fix the row"
+        ) from None
+
+
 def record_of(row: sqlite3.Row) -> WindowRecord:
     retryable = row["retryable"]
     return WindowRecord(
         id=row["id"],
         window=Window(app=row["app"], start=row["start_ms"], end=row["end_ms"]),
-        state=WindowState(row["state"]),
+        state=_state(row),
         attempt=row["attempt"],
         parent_id=row["parent_id"],
         request_id=row["request_id"],

@@ -30,6 +30,7 @@ a ``Policy``; jitter from an injected ``random.Random``.  Nothing here does I/O 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -82,6 +83,7 @@ class Event(StrEnum):
     UNAUTHORIZED = "unauthorized"
     REJECTED = "rejected"  # the API will never accept this window as asked
     BAD_DATA = "bad_data"  # the download is corrupt or breaks the schema
+    ERROR = "error"  # an exception nobody expected: fails this window (retryably), not the run
 
 
 class Effect(StrEnum):
@@ -276,8 +278,10 @@ def _retry(state: WindowState, o: Outcome, p: Progress, policy: Policy, rng: ran
     if o.event is Event.LINK_EXPIRED:
         return _step(state, Effect.LINK, again, reason="the download link expired")
     floor = o.retry_after_s or 0.0
-    if o.refill_per_minute:
+    if o.refill_per_minute and o.refill_per_minute > 0:
         floor = max(floor, 60.0 / o.refill_per_minute)
+    # A server's number never stalls the run: at most the backoff cap (inf and NaN included).
+    floor = min(floor, policy.backoff_cap_s) if math.isfinite(floor) else policy.backoff_cap_s
     delay = policy.backoff(p.step_retries, rng, at_least=floor)
     effect = o.after or Effect.SUBMIT
     gate = o.event is Event.RATE_LIMITED and effect is Effect.SUBMIT

@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 
 from backfill import commit, lifecycle, planner
-from backfill.errors import AuthError, StaleAttemptError, WindowError
+from backfill.errors import AuthError, FatalError, StaleAttemptError, WindowError
 from backfill.events import WindowEvent
 from backfill.lifecycle import Effect, Event, Outcome, Progress
 from backfill.models import HOUR_MS, WindowState
@@ -240,6 +240,11 @@ class Worker:
             turn.error = exc
             return lifecycle.outcome_of(exc, after=Effect.SUBMIT if effect is Effect.RESUBMIT
                                         else effect)  # fmt: skip
+        except FatalError:  # the disk, the ledger: no window can go on
+            raise
+        except Exception as exc:  # a bug or a surprise: this window fails, the run goes on
+            turn.error = exc
+            return Outcome(event=Event.ERROR, after=effect, detail=f"{type(exc).__name__}: {exc}")
 
     async def _submit(self, turn: _Turn) -> Outcome:
         budget, window = self.c.budget, turn.record.window

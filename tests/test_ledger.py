@@ -229,3 +229,17 @@ async def test_the_learned_size_only_shrinks(tmp_path: Path) -> None:
 def test_windows_must_not_be_built_empty() -> None:
     with pytest.raises(ValueError, match="empty window"):
         Window(app="a", start=T0, end=T0)
+
+
+async def test_a_state_this_version_does_not_know_is_a_clear_ledger_error(tmp_path: Path) -> None:
+    ledger = await _ledger(tmp_path)
+    await ledger.add_windows("a", T0, T0 + DAY_MS, size_ms=DAY_MS)
+    await ledger.close()
+    db = sqlite3.connect(tmp_path / "ledger.sqlite")
+    db.execute("UPDATE windows SET state = 'ARCHIVED'")
+    db.commit()
+    db.close()
+    ledger = await _ledger(tmp_path)
+    with pytest.raises(LedgerError, match="'ARCHIVED', which this backfill does not know"):
+        await ledger.windows()
+    await ledger.close()

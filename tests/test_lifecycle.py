@@ -194,3 +194,10 @@ def test_outcome_of_maps_every_error_class() -> None:
     assert outcome_of(errors.TooLargeError("x", suggested_ms=DAY_MS)).suggested_ms == DAY_MS
     with pytest.raises(TypeError):
         outcome_of(errors.ConfigError("x"))
+
+
+@pytest.mark.parametrize("after_s", [1e9, float("inf"), float("nan")])
+def test_a_huge_or_absurd_retry_after_is_clamped_to_the_backoff_cap(after_s: float) -> None:
+    step = _decide(S.PENDING, E.RATE_LIMITED, retry_after_s=after_s)
+    assert step.effect is F.SUBMIT and step.delay_s <= P.backoff_cap_s
+    assert _decide(S.SUBMITTED, E.RATE_LIMITED, refill_per_minute=0.0).delay_s <= P.backoff_cap_s

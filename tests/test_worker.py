@@ -31,7 +31,7 @@ START = 20_000 * DAY  # a fixed UTC midnight
 
 def _settings(root: Path, **api: Any) -> Settings:
     policy = Policy(poll_initial_s=0.001, poll_min_s=0.001, poll_max_s=0.01, backoff_base_s=0.001,
-                    backoff_cap_s=0.01, max_attempts=3)  # fmt: skip
+                    backoff_cap_s=0.5, max_attempts=3)  # fmt: skip
     return Settings(
         api=ApiSettings(**({"calls_per_minute": 100_000} | api)),
         policy=policy,
@@ -238,3 +238,13 @@ async def test_a_re_pull_with_far_fewer_rows_is_held_as_failed_unless_accepted(
     await accepting.run(run.engine.settings.apps[:1])
     (landed,) = await run.ledger.windows()
     assert (landed.state, landed.rows) == (S.COMMITTED, 4)
+
+
+async def test_an_unexpected_exception_fails_its_window_and_the_run_goes_on(run: Run) -> None:
+    run.api.polls[START, START + 30 * DAY] = [RuntimeError("surprise from a server")]
+    await run.plan(60)
+    summary = await run.go()
+    first, second = await run.ledger.windows()
+    assert (first.state, first.retryable, first.error_class) == (S.FAILED, True, "RuntimeError")
+    assert "surprise from a server" in (first.error_message or "")
+    assert second.state is S.COMMITTED and summary.committed == 1 and summary.failed == 1
