@@ -191,7 +191,7 @@ def planned_size(max_days: int, learned_ms: int | None) -> int:
 
 
 def incremental_start(mark: int, lookback_days: int, tz: dt.tzinfo = dt.UTC) -> int:
-    """Where an incremental pull starts: ``lookback_days`` local days before the watermark."""
+    """``lookback_days`` local days before ``mark`` (the local midnight at or before it)."""
     day = _date(floor_midnight(mark, tz), tz)
     return _midnight(day - dt.timedelta(days=lookback_days), tz)
 

@@ -15,8 +15,7 @@ unless ``--start``/``--end`` say otherwise).  Then:
   files removed.  A kill before that transaction leaves the published files to no live attempt
   (the next run sweeps them) and the old windows PENDING (the next run pulls them again).
 
-That transaction is written here against the ledger's connection until the ledger offers it
-(``Ledger.replace_range``); it is the one place the command line reaches inside the ledger.
+That transaction is ``Ledger.replace_range``.
 """
 
 from __future__ import annotations

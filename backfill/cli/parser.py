@@ -154,9 +154,10 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         name="sync",
         summary="nightly pull: late data before each app's newest rows, and every gap",
-        description="Pull each app from the end of its contiguous committed history (less "
-        "[windows].lookback_days, re-pulled for late data) up to today less the lag.  Run it "
-        "from cron or a systemd timer.",
+        description="For each app, pull the last [windows].lookback_days before its newest "
+        "committed rows again (late data; the old files stay live until the new rows replace "
+        "them), whatever failed elsewhere, then every day up to today less the lag that no "
+        "window covers yet.  Run it from cron or a systemd timer.",
         example="backfill sync --config /etc/backfill.toml",
         groups=(Group.BASE, Group.APPS, Group.TUNING),
     ),
