@@ -1,8 +1,9 @@
 """The commands that run the engine: ``run``, ``sync``, ``retry`` and ``demo``.
 
 They differ only in how they plan (a ``prepare`` step); ``drive`` does the rest for all of
-them: the run lock, the ledger, the API client and the output store, the engine run under signals with
-its progress view, the summary, and the exit code from how the requested windows stand.
+them: the run lock, the ledger, the API client and the output store, the engine run under
+signals with its progress view, the summary, and the exit code from how the requested windows
+stand.
 """
 
 from __future__ import annotations
