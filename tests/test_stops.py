@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import pytest
 
 from backfill import planner
 from backfill.simulator import AppProfile, Faults, SimulatorSettings, ground_truth
@@ -35,10 +34,14 @@ if TYPE_CHECKING:
     from anyio.abc import Process
 
 ENV = os.environ | {"FLURRY_TOKEN": TOKEN}
-SMALL = AppProfile(name="small", api_key="SMALL00000000000APP1", sessions_per_day=4, events_per_session=2)
+SMALL = AppProfile(
+    name="small", api_key="SMALL00000000000APP1", sessions_per_day=4, events_per_session=2
+)
 # A day of BIG is ~15,000 rows: its conversion takes long enough (~0.5 s) to be caught under way.
-BIG = AppProfile(name="big", api_key="BIG000000000000APP44", sessions_per_day=1_500, events_per_session=10)
-SERIAL_LAND = "conversions_at_once = 1"  # fmt: skip
+BIG = AppProfile(
+    name="big", api_key="BIG000000000000APP44", sessions_per_day=1_500, events_per_session=10
+)
+SERIAL_LAND = "conversions_at_once = 1"  # one window converts at a time; the rest wait
 EXIT_INTERRUPTED = 130
 STOP_BOUND_S = 5.0  # from the signal to the exit, on a loaded 2-core machine
 
@@ -59,9 +62,9 @@ class _Run:
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == name]
 
-    async def until(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    async def until(self, condition: Callable[[], bool]) -> None:
         """Wait until ``condition()`` holds (the readers fill ``events`` meanwhile)."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(30):  # however slow the machine
             while not condition():  # noqa: ASYNC110 - another process writes what it reads
                 await anyio.sleep(0.01)
 
@@ -184,6 +187,7 @@ def _committed_exactly(work: Path, sim: SimulatorSettings, app: AppProfile) -> N
         for row in _truth(sim, app, lo, hi)
     )  # fmt: skip
     assert landed(work / "out", app.name) == expected
+    assert not [p for p in (work / "out" / "_staging").rglob("*") if p.is_file()]
 
 
 async def test_sigint_during_a_backoff(tmp_path: Path) -> None:
@@ -210,9 +214,9 @@ async def test_sigint_during_a_backoff(tmp_path: Path) -> None:
 
 async def test_sigint_while_polling(tmp_path: Path) -> None:
     """Both slots hold requests processing at Flurry: the stop ends the polls, keeps the ids."""
-    sim = sim_settings(apps=(SMALL,), latency_base_s=3.0)
+    sim = sim_settings(apps=(SMALL,), latency_base_s=1.5)
     async with simulator_process(sim, tmp_path) as (base, calls):
-        config = write_config(tmp_path, base, history_days=10, apps=(SMALL,),
+        config = write_config(tmp_path, base, history_days=4, apps=(SMALL,),
                               extra_api="max_in_flight = 2")  # fmt: skip
 
         def polling() -> bool:  # every slot taken (no POST can go) and a status answered
@@ -230,14 +234,16 @@ async def test_sigint_while_polling(tmp_path: Path) -> None:
         states = [w[3] for w in _ledger(tmp_path)]
         assert states.count("SUBMITTED") == 2 and states.count("PENDING") == queued - 2
         posted = len([c for c in _calls(calls) if c["kind"] == "submit"])
-        await _assert_resumes_exactly(tmp_path, config, sim, (SMALL,), days=10)
+        await _assert_resumes_exactly(tmp_path, config, sim, (SMALL,), days=4)
         again = [c for c in _calls(calls)[posted:] if c["kind"] == "submit"]
-        assert len(again) == queued - 2, "the requests left processing were picked up, not sent again"
+        assert len(again) == queued - 2, (
+            "the requests left processing were picked up, not sent again"
+        )
 
 
 async def test_sigint_during_a_download(tmp_path: Path) -> None:
-    """Every download trickles for 4 s: the stop abandons them and removes the partial files."""
-    sim = sim_settings(apps=(SMALL,), faults=Faults(slow_download=1.0), slow_chunk_delay_s=0.5)
+    """Every download trickles for 2.4 s: the stop abandons them and removes the partial files."""
+    sim = sim_settings(apps=(SMALL,), faults=Faults(slow_download=1.0), slow_chunk_delay_s=0.3)
     async with simulator_process(sim, tmp_path) as (base, calls):
         config = write_config(tmp_path, base, history_days=5, apps=(SMALL,))
 
@@ -257,7 +263,7 @@ async def test_sigint_during_a_download(tmp_path: Path) -> None:
 
 
 async def test_sigint_during_a_conversion(tmp_path: Path) -> None:
-    """The window being converted at the signal lands whole; the rest wait, nothing half-done."""
+    """The window converting at the signal lands whole in the drain; nothing is half-written."""
     sim = sim_settings(apps=(BIG,))
     async with simulator_process(sim, tmp_path) as (base, calls):
         config = write_config(tmp_path, base, history_days=3, apps=(BIG,), extra_api=SERIAL_LAND)
@@ -284,7 +290,11 @@ async def test_sigint_during_a_conversion(tmp_path: Path) -> None:
 
 
 async def test_a_second_sigint_stops_the_drain_at_once(tmp_path: Path) -> None:
-    """Downloads wait for the one conversion slot; a second SIGINT leaves them DOWNLOADED."""
+    """Downloads wait for the one conversion slot; a second SIGINT leaves them DOWNLOADED.
+
+    A gentle drain lands every downloaded window (the hint says "finishing conversions"); the
+    second signal cuts it: only the conversion already in its thread finishes, whole.
+    """
     sim = sim_settings(apps=(BIG,))
     async with simulator_process(sim, tmp_path) as (base, calls):
         config = write_config(tmp_path, base, history_days=4, apps=(BIG,), extra_api=SERIAL_LAND)
