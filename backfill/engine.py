@@ -195,7 +195,8 @@ class Engine:
         return self._tallies.total()
 
     def stop(self) -> None:
-        """Stop gently: no new submit; waits end at once; conversions under way finish."""
+        """Stop gently: no new submit; every wait ends at once; what is downloaded is converted
+        (a second signal, in the CLI, stops at once)."""
         self._stopping.set()
 
     async def run(self, apps: Iterable[AppSettings]) -> Summary:
