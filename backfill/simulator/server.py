@@ -20,79 +20,21 @@ import itertools
 import math
 import os
 import random
-import re
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
-from backfill.simulator import data
+from backfill.simulator import data, wire
 from backfill.simulator.settings import PHRASINGS, AppProfile, SimulatorSettings
+from backfill.simulator.wire import API_PREFIX, CallRecord
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
 __all__ = ["API_PREFIX", "CallRecord", "Simulator", "serve"]
-
-API_PREFIX = "/pulse/v1"
-JSON_API = "application/vnd.api+json"
-HORIZON_DAYS = 730
-MAX_WINDOW_MS = 31 * data.DAY_MS
-_BUCKET = "/flurry-rawdata"
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
-
-UNAUTHORIZED = {"code": 401, "message": "Unauthorized"}
-TOO_LONG = {"errors": ["Cannot request report for a period greater than 31 days"]}
-TOO_OLD = {"errors": ["Cannot request data older than 2 years"]}
-EXPIRED_URI = "Expired URI. Please resubmit request"
-_S3_EXPIRED = (
-    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-    "<Message>Request has expired</Message><X-Amz-Expires>{ttl}</X-Amz-Expires>"
-    "<Expires>{expires}</Expires><ServerTime>{now}</ServerTime>"
-    "<RequestId>{rid}</RequestId><HostId>{host}</HostId></Error>"
-)
-_S3_ERROR = (
-    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-    "<Message>{message}</Message><RequestId>{rid}</RequestId></Error>"
-)
-_HTML_5XX = "<html><head><title>{code}</title></head><body><h1>{code} {reason}</h1></body></html>"
-
-
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """One call a client made: what, the answer's status, and the request/window it concerned."""
-
-    kind: str  # submit | status | download
-    status: int
-    request_id: str | None = None
-    api_key: str | None = None
-    start_ms: int | None = None
-    end_ms: int | None = None  # exclusive
-    outcome: str | None = None  # the requestStatus answered, for status calls
-
-
-@dataclass(slots=True, kw_only=True)
-class _Request:
-    id: str
-    token: str
-    app: AppProfile
-    start_ms: int
-    end_ms: int  # exclusive
-    output_format: str
-    app_versions: tuple[str, ...] | None
-    event_ids: tuple[str, ...] | None
-    ready_at: float
-    fate: str  # success | failure | too_large | expired
-    message: str | None = None
-    body: bytes | None = None
-    members: int = 1
-    corrupt: bool = False
-    empty: bool = False
-    stray: bool = False
-    building: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Simulator:
@@ -114,7 +56,7 @@ class Simulator:
         self._log = log_path.open("a", encoding="utf-8") if log_path else None
         self._rng = random.Random(settings.fault_seed)
         self._secret = os.urandom(16)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, wire.Request] = {}
         self._links: dict[str, tuple[str, float]] = {}  # signature -> (request id, deadline)
         self._next_id = 26  # the doc's example id
 
@@ -126,7 +68,7 @@ class Simulator:
     def _record(self, record: CallRecord) -> None:
         self.calls.append(record)
         if self._log is not None:
-            self._log.write(orjson.dumps(_as_dict(record)).decode() + "\n")
+            self._log.write(orjson.dumps(wire.as_dict(record)).decode() + "\n")
             self._log.flush()
 
     def close(self) -> None:
@@ -145,7 +87,7 @@ class Simulator:
 
     def _maybe_5xx(self) -> web.Response | None:
         if self._roll(self.settings.faults.html_ok):  # a proxy's page where JSON belongs
-            return web.Response(status=200, text=_HTML_5XX.format(code=200, reason="Welcome"),
+            return web.Response(status=200, text=wire.HTML_5XX.format(code=200, reason="Welcome"),
                                 content_type="text/html")  # fmt: skip
         if not self._roll(self.settings.faults.server_error):
             return None
@@ -157,7 +99,7 @@ class Simulator:
             504: "Gateway Timeout",
         }[code]
         headers = {"Retry-After": str(self.settings.retry_after_s)} if code == 503 else {}
-        html = _HTML_5XX.format(code=code, reason=reason)
+        html = wire.HTML_5XX.format(code=code, reason=reason)
         return web.Response(status=code, text=html, content_type="text/html", headers=headers)
 
     def _too_large_message(self, req_app: AppProfile, start_ms: int, end_ms: int) -> str:
@@ -184,42 +126,44 @@ class Simulator:
 
     async def _submit(self, request: web.Request) -> tuple[web.Response, CallRecord]:
         if not self._authorized(request):
-            return _json(401, UNAUTHORIZED), CallRecord("submit", 401)
+            return wire.json_answer(401, wire.UNAUTHORIZED), CallRecord("submit", 401)
         if (failed := self._maybe_5xx()) is not None:
             return failed, CallRecord("submit", failed.status)
         try:
             attributes = orjson.loads(await request.read())["data"]["attributes"]
-            start_ms = _epoch_ms(attributes["startTime"])
-            end_ms = _epoch_ms(attributes["endTime"]) + 1
+            start_ms = wire.epoch_ms(attributes["startTime"])
+            end_ms = wire.epoch_ms(attributes["endTime"]) + 1
             api_key = attributes["apiKey"]
             output_format = attributes.get("outputFormat", "JSON")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            return _json(400, {"errors": [f"Invalid request body: {exc}"]}), CallRecord(
+            return wire.json_answer(400, {"errors": [f"Invalid request body: {exc}"]}), CallRecord(
                 "submit", 400
             )
         record = CallRecord("submit", 400, None, api_key, start_ms, end_ms)
         profile = self.settings.app(api_key) if isinstance(api_key, str) else None
         if profile is None:  # the token lacks access to this app
-            return _json(401, UNAUTHORIZED), _with(record, status=401)
+            return wire.json_answer(401, wire.UNAUTHORIZED), wire.with_(record, status=401)
         if output_format not in ("JSON", "CSV"):
-            return _json(400, {"errors": ["outputFormat must be JSON or CSV"]}), record
+            return wire.json_answer(400, {"errors": ["outputFormat must be JSON or CSV"]}), record
         if end_ms <= start_ms:
-            return _json(400, {"errors": ["endTime must not be before startTime"]}), record
-        if end_ms - start_ms > MAX_WINDOW_MS:
-            return _json(400, TOO_LONG), record
+            return wire.json_answer(
+                400, {"errors": ["endTime must not be before startTime"]}
+            ), record
+        if end_ms - start_ms > wire.MAX_WINDOW_MS:
+            return wire.json_answer(400, wire.TOO_LONG), record
         today = self._wall_ms() // data.DAY_MS * data.DAY_MS
-        if start_ms < today - HORIZON_DAYS * data.DAY_MS:
-            return _json(400, TOO_OLD), record
+        if start_ms < today - wire.HORIZON_DAYS * data.DAY_MS:
+            return wire.json_answer(400, wire.TOO_OLD), record
         processing = self.processing(self.settings.token)
         faults = self.settings.faults
         if processing >= self.settings.max_processing or self._roll(faults.rate_limit_burst):
-            return self._rate_limited(processing), _with(record, status=429)
+            return self._rate_limited(processing), wire.with_(record, status=429)
         rows = data.count_rows(self.settings.seed, profile.data, start_ms, end_ms)
         fate, message = "success", None
         if 0 < profile.too_large_rows < rows and end_ms - start_ms > data.DAY_MS:
             message = self._too_large_message(profile, start_ms, end_ms)
             if not self._roll(faults.too_large_at_poll):
-                return _json(400, self._errors(message)), record
+                return wire.json_answer(400, self._errors(message)), record
             fate = "too_large"
         elif self._roll(faults.failure):
             fate = "failure"
@@ -233,7 +177,7 @@ class Simulator:
                 "attributes": {"requestStatus": "Acknowledged", "s3URI": None},
             }
         }
-        return _json(200, body), _with(record, status=200, request_id=request_id)
+        return wire.json_answer(200, body), wire.with_(record, status=200, request_id=request_id)
 
     def _accept(
         self,
@@ -255,15 +199,15 @@ class Simulator:
         request_id = str(self._next_id)
         self._next_id += 1
         assert record.start_ms is not None and record.end_ms is not None
-        self._requests[request_id] = _Request(
+        self._requests[request_id] = wire.Request(
             id=request_id,
             token=settings.token,
             app=profile,
             start_ms=record.start_ms,
             end_ms=record.end_ms,
             output_format=attributes.get("outputFormat", "JSON"),
-            app_versions=_comma_list(attributes.get("app_versions")),
-            event_ids=_comma_list(attributes.get("eventIds")),
+            app_versions=wire.comma_list(attributes.get("app_versions")),
+            event_ids=wire.comma_list(attributes.get("eventIds")),
             ready_at=self._clock() + latency,
             fate=fate,
             message=message,
@@ -282,7 +226,7 @@ class Simulator:
             "X-RateLimit-RefillPerMinute": str(self.settings.refill_per_minute),
             "Retry-After": str(self.settings.retry_after_s),
         }
-        return _json(429, {"code": 429, "message": "Too Many Requests"}, headers)
+        return wire.json_answer(429, {"code": 429, "message": "Too Many Requests"}, headers)
 
     # -- GET /rawData/{id} -----------------------------------------------------------------
 
@@ -290,16 +234,18 @@ class Simulator:
         request_id = request.match_info["id"]
         record = CallRecord("status", 200, request_id)
         if not self._authorized(request):
-            self._record(_with(record, status=401))
-            return _json(401, UNAUTHORIZED)
+            self._record(wire.with_(record, status=401))
+            return wire.json_answer(401, wire.UNAUTHORIZED)
         if (failed := self._maybe_5xx()) is not None:
-            self._record(_with(record, status=failed.status))
+            self._record(wire.with_(record, status=failed.status))
             return failed
         req = self._requests.get(request_id)
         if req is None or req.token != self.settings.token:
-            self._record(_with(record, status=404))
-            return _json(404, {"errors": [f"Request {request_id} not found"]})
-        record = _with(record, api_key=req.app.api_key, start_ms=req.start_ms, end_ms=req.end_ms)
+            self._record(wire.with_(record, status=404))
+            return wire.json_answer(404, {"errors": [f"Request {request_id} not found"]})
+        record = wire.with_(
+            record, api_key=req.app.api_key, start_ms=req.start_ms, end_ms=req.end_ms
+        )
         now = self._clock()
         attributes: dict[str, Any] = {"requestStatus": "Acknowledged", "s3URI": None}
         if now >= req.ready_at:
@@ -308,7 +254,7 @@ class Simulator:
                 if req.message:
                     attributes["message"] = req.message
             elif req.fate == "expired" or now >= req.ready_at + self.settings.retention_s:
-                attributes.update(requestStatus="Success", s3URI=EXPIRED_URI)
+                attributes.update(requestStatus="Success", s3URI=wire.EXPIRED_URI)
             else:
                 attributes.update(requestStatus="Success", s3URI=self._mint(request, req, now))
         attributes |= {
@@ -320,11 +266,11 @@ class Simulator:
         if wanted is not None:
             keep = set(wanted.split(","))
             attributes = {k: v for k, v in attributes.items() if k in keep or k == "message"}
-        self._record(_with(record, outcome=attributes.get("requestStatus")))
+        self._record(wire.with_(record, outcome=attributes.get("requestStatus")))
         body = {"data": {"type": "rawData", "id": req.id, "attributes": attributes}}
-        return _json(200, body)
+        return wire.json_answer(200, body)
 
-    def _mint(self, request: web.Request, req: _Request, now: float) -> str:
+    def _mint(self, request: web.Request, req: wire.Request, now: float) -> str:
         ttl = self.settings.link_ttl_s
         deadline = now if self._roll(self.settings.faults.expired_link) else now + ttl
         nonce = os.urandom(8).hex()
@@ -333,7 +279,7 @@ class Simulator:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._wall_ms() / 1000))
         ext = "json" if req.output_format == "JSON" else "csv"
         return (
-            f"{request.url.origin()}{_BUCKET}/{req.app.api_key}/{req.id}.{ext}.gz"
+            f"{request.url.origin()}{wire.BUCKET}/{req.app.api_key}/{req.id}.{ext}.gz"
             f"?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=SIMULATED%2Fus-east-1%2Fs3"
             f"&X-Amz-Date={stamp}&X-Amz-Expires={int(ttl)}&X-Amz-SignedHeaders=host"
             f"&X-Amz-Nonce={nonce}&X-Amz-Signature={signature}"
@@ -346,16 +292,17 @@ class Simulator:
         link = self._links.get(signature)
         record = CallRecord("download", 200, link[0] if link else None)
         if "Authorization" in request.headers:
-            self._record(_with(record, status=400))
+            self._record(wire.with_(record, status=400))
             message = "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter"
-            return _xml(
-                400, _S3_ERROR.format(code="InvalidArgument", message=message, rid=signature[:16])
+            return wire.xml_answer(
+                400,
+                wire.S3_ERROR.format(code="InvalidArgument", message=message, rid=signature[:16]),
             )
         if link is None or link[0] != request.match_info["id"]:
-            self._record(_with(record, status=403))
-            return _xml(
+            self._record(wire.with_(record, status=403))
+            return wire.xml_answer(
                 403,
-                _S3_ERROR.format(
+                wire.S3_ERROR.format(
                     code="SignatureDoesNotMatch",
                     message="The request signature we calculated does not match",
                     rid=signature[:16],
@@ -363,30 +310,30 @@ class Simulator:
             )
         request_id, deadline = link
         if self._clock() >= deadline:
-            self._record(_with(record, status=403))
+            self._record(wire.with_(record, status=403))
             now = time.gmtime(self._wall_ms() / 1000)
-            body = _S3_EXPIRED.format(
+            body = wire.S3_EXPIRED.format(
                 ttl=int(self.settings.link_ttl_s),
                 expires=time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
                 now=time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
                 rid=signature[:16].upper(),
                 host=signature[16:40],
             )
-            return _xml(403, body)
+            return wire.xml_answer(403, body)
         req = self._requests[request_id]
         payload = await self._payload(req)
         self._record(
-            _with(record, api_key=req.app.api_key, start_ms=req.start_ms, end_ms=req.end_ms)
+            wire.with_(record, api_key=req.app.api_key, start_ms=req.start_ms, end_ms=req.end_ms)
         )
         return await self._send(request, payload)
 
-    async def _payload(self, req: _Request) -> bytes:
+    async def _payload(self, req: wire.Request) -> bytes:
         async with req.building:
             if req.body is None:
                 req.body = await asyncio.to_thread(self._build, req)
             return req.body
 
-    def _build(self, req: _Request) -> bytes:
+    def _build(self, req: wire.Request) -> bytes:
         rows = data.rows(
             self.settings.seed,
             req.app.data,
@@ -427,7 +374,7 @@ class Simulator:
             "ETag": f'"{hashlib.md5(payload).hexdigest()}"',
             "Accept-Ranges": "bytes",
         }
-        if (match := _RANGE.match(request.headers.get("Range", ""))) is not None:
+        if (match := wire.RANGE.match(request.headers.get("Range", ""))) is not None:
             first, last = match.groups()
             if first:
                 start, stop = int(first), (int(last) + 1 if last else len(payload))
@@ -435,9 +382,9 @@ class Simulator:
                 start = max(0, len(payload) - int(last))
             stop = min(stop, len(payload))
             if start >= stop:
-                return _xml(
+                return wire.xml_answer(
                     416,
-                    _S3_ERROR.format(
+                    wire.S3_ERROR.format(
                         code="InvalidRange",
                         message="The requested range is not satisfiable",
                         rid="0",
@@ -470,38 +417,8 @@ class Simulator:
         app = web.Application()
         app.router.add_post(f"{API_PREFIX}/rawData", self.submit)
         app.router.add_get(f"{API_PREFIX}/rawData/{{id}}", self.status)
-        app.router.add_get(f"{_BUCKET}/{{api_key}}/{{id}}.{{ext}}.gz", self.download)
+        app.router.add_get(f"{wire.BUCKET}/{{api_key}}/{{id}}.{{ext}}.gz", self.download)
         return app
-
-
-def _as_dict(record: CallRecord) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in record.__slots__}
-
-
-def _with(record: CallRecord, **changes: Any) -> CallRecord:
-    return CallRecord(**(_as_dict(record) | changes))
-
-
-def _epoch_ms(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected epoch milliseconds, got {value!r}")
-    return int(value)
-
-
-def _comma_list(value: Any) -> tuple[str, ...] | None:
-    if value is None or value == "":
-        return None
-    return tuple(v.strip() for v in str(value).split(",") if v.strip())
-
-
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type=JSON_API, headers=headers
-    )
-
-
-def _xml(status: int, body: str) -> web.Response:
-    return web.Response(status=status, text=body, content_type="application/xml")
 
 
 @contextlib.asynccontextmanager
