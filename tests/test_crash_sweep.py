@@ -62,7 +62,7 @@ async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path) -> Non
     async with simulator_process(sim, tmp_path) as (base, _):
         counting = tmp_path / "count"
         counting.mkdir()
-        write_config(counting, base, history_days=4, extra_api=SERIAL, apps=APPS)
+        write_config(counting, base, history_days=4, extra_api=SERIAL, apps=APPS, lookback_days=0)
         counts_file = counting / "counts.json"
         assert (
             await _backfill(
@@ -79,7 +79,9 @@ async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path) -> Non
             async with limiter:
                 work = tmp_path / f"k{k}"
                 work.mkdir()
-                write_config(work, base, history_days=4, extra_api=SERIAL, apps=APPS)
+                write_config(
+                    work, base, history_days=4, extra_api=SERIAL, apps=APPS, lookback_days=0
+                )
                 killed = await _backfill(
                     work, "run", "--quiet", env=ENV | {"BACKFILL_CRASH_AT": str(k)}
                 )
