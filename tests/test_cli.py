@@ -114,3 +114,26 @@ async def test_verify_without_a_ledger_exits_2_not_5(tmp_path: Path) -> None:
     code, _, err = await backfill("verify", "--config", str(config))
     assert code == 2
     assert "no ledger to verify against" in err and "Traceback" not in err
+
+
+async def test_a_ledger_row_in_a_state_this_version_does_not_know_is_exit_5(tmp_path: Path) -> None:
+    import sqlite3
+
+    from backfill.ledger import Ledger
+
+    config = tmp_path / "backfill.toml"
+    config.write_text(
+        '[api]\nbase_url = "http://127.0.0.1:9/pulse/v1"\ntoken_env = "FLURRY_TOKEN"\n'
+        f'[output]\nroot = "{tmp_path / "out"}"\n'
+        '[[apps]]\nname = "a"\napi_key = "AAAAAAAAAAAAAAAAAAAA"\n'
+    )
+    ledger = await Ledger.open(tmp_path / "out" / "_ledger.sqlite")
+    await ledger.add_windows("a", 20_000 * DAY, 20_001 * DAY, size_ms=DAY)
+    await ledger.close()
+    db = sqlite3.connect(tmp_path / "out" / "_ledger.sqlite")
+    db.execute("UPDATE windows SET state = 'ARCHIVED'")
+    db.commit()
+    db.close()
+    code, _, err = await backfill("status", "--config", str(config))
+    assert code == 5 and "'ARCHIVED', which this backfill does not know" in err
+    assert "Traceback" not in err
