@@ -232,6 +232,10 @@ def _check_output(output: OutputSettings, source: str) -> None:
     if output.on_bad_rows not in ("fail", "quarantine"):
         raise fail(source, "output.on_bad_rows", output.on_bad_rows, '"fail" or "quarantine"')
     at_least(source, "output.min_repull_share", output.min_repull_share, 0.0, 1.0)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:/", str(output.root)):  # Path folded "s3://" to "s3:/"
+        raise fail(source, "output.root", str(output.root).replace(":/", "://", 1),
+                   "a local folder (object-store roots such as s3:// or gs:// are not supported "
+                   "yet)")  # fmt: skip
 
 
 def _apps(raw: Any, source: str) -> tuple[AppSettings, ...]:

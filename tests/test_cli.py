@@ -137,3 +137,17 @@ async def test_a_ledger_row_in_a_state_this_version_does_not_know_is_exit_5(tmp_
     code, _, err = await backfill("status", "--config", str(config))
     assert code == 5 and "'ARCHIVED', which this backfill does not know" in err
     assert "Traceback" not in err
+
+
+async def test_a_printing_command_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    config = tmp_path / "backfill.toml"
+    apps = "".join(f'[[apps]]\nname = "a{i}"\napi_key = "{chr(65 + i) * 20}"\n' for i in range(3))
+    config.write_text(
+        '[api]\ntoken_env = "FLURRY_TOKEN"\n[windows]\nmax_days = 1\n'
+        f'[output]\nroot = "{tmp_path / "out"}"\n{apps}'
+    )  # two years of one-day windows of three apps: far more than a pipe holds
+    script = f'{sys.executable} -m backfill plan --json --config {config} | head -1; exit "${{PIPESTATUS[0]}}"'
+    done = await anyio.run_process(["bash", "-c", script], cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "["
+    assert done.stderr.decode() == ""

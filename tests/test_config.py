@@ -136,6 +136,11 @@ BAD: list[tuple[str, tuple[str, str] | str, str]] = [
         ('root = "{root}"', 'root = "{root}"\non_bad_rows = "ignore"'),
         'output.on_bad_rows = \'ignore\': expected "fail" or "quarantine"',
     ),
+    (
+        "object-store root",
+        ('root = "{root}"', 'root = "s3://lake/flurry"'),
+        "output.root = 's3://lake/flurry': expected a local folder (object-store roots",
+    ),
 ]
 
 
@@ -161,7 +166,9 @@ def test_a_bad_config_is_refused_with_its_exact_message(
 
 
 @pytest.mark.parametrize(
-    ("what", "change", "message"), BAD[:6] + BAD[13:16], ids=[b[0] for b in BAD[:6] + BAD[13:16]]
+    ("what", "change", "message"),
+    BAD[:6] + BAD[13:16] + BAD[-1:],
+    ids=[b[0] for b in BAD[:6] + BAD[13:16] + BAD[-1:]],
 )
 async def test_the_cli_exits_2_and_creates_nothing(
     tmp_path: Path, what: str, change: tuple[str, str] | str, message: str

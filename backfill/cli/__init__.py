@@ -81,3 +81,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return exits.for_error(exc)
     except KeyboardInterrupt:
         return exits.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `backfill plan --json | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        return exits.EXIT_OK
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
