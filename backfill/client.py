@@ -20,6 +20,7 @@ a server's body, aiohttp's own texts and a malformed link never carry a secret o
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import time
@@ -32,7 +33,14 @@ import aiohttp
 import anyio.to_thread
 
 from backfill import crashpoints, logs, protocol
-from backfill.errors import BackfillError, BadDataError, ServerError, TransportError, Where
+from backfill.errors import (
+    BackfillError,
+    BadDataError,
+    IntegrityError,
+    ServerError,
+    TransportError,
+    Where,
+)
 from backfill.schema import Limits
 
 if TYPE_CHECKING:
@@ -350,7 +358,14 @@ class _Watchdog:
 
 def _no_follow(path: str, flags: int) -> int:
     """``open``'s opener: never write through a link planted where the download goes."""
-    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IntegrityError(
+                f"refusing to write the download to {path}: a symbolic link"
+            ) from exc
+        raise
 
 
 def _check_link(url: str, where: Where) -> None:

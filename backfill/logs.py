@@ -34,7 +34,11 @@ _SIGNED = re.compile(
     re.IGNORECASE,
 )
 # A credential in an echoed header or text: ``Authorization: <anything>``, ``Bearer <token>``.
-_AUTHORIZATION = re.compile(r"(authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"'\\,}]+", re.IGNORECASE)
+_AUTHORIZATION = re.compile(
+    r"(authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token|aws4-hmac-sha256)\s+)?"
+    r"[^\s\"'\\,}]+",
+    re.IGNORECASE,
+)
 _BEARER = re.compile(r"(bearer\s+)[A-Za-z0-9\-._~+/=]+", re.IGNORECASE)
 
 
