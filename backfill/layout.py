@@ -135,20 +135,19 @@ class Layout:
     def inside(self, path: Path) -> Path:
         """``path``, once sure it resolves under the root with no link on the way; else
         ``IntegrityError`` naming the path (and the link)."""
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root.resolve()):
-            raise IntegrityError(f"refusing to touch {path}: outside the output root {self.root}")
-        link = self._first_link(path)
+        link = self._first_link(path)  # first: the link is the clearer thing to name
         if link is not None:
             raise IntegrityError(_link_refusal(path, link))
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise IntegrityError(f"refusing to touch {path}: outside the output root {self.root}")
         return path
 
     def _first_link(self, path: Path) -> Path | None:
         """The first symbolic link from just below the root down to ``path`` (itself included)."""
         try:
             parts = path.relative_to(self.root).parts
-        except ValueError:  # not spelled from the root: compare resolved spellings
-            parts = path.resolve().relative_to(self.root.resolve()).parts
+        except ValueError:  # not spelled from the root: the resolved check names it
+            return None
         current = self.root
         for part in parts:
             current = current / part
