@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
+from backfill import logs
 from backfill.models import UNFINISHED, WindowState, iso
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ async def status(ledger: LedgerPort, apps: Iterable[str]) -> list[AppStatus]:
                 last_day=iso(c.last_ms - 1)[:10] if c and c.last_ms is not None else None,
                 gaps=tuple((iso(a), iso(b)) for a, b in c.gaps) if c else (),
                 errors=tuple(
-                    (r.window.label, r.error_message or r.error_class or "?")
+                    (r.window.label, logs.scrub(r.error_message or r.error_class or "?"))
                     for r in failed
                     if r.window.app == name
                 ),  # fmt: skip

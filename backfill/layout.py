@@ -10,14 +10,19 @@ Theory of operation.  Under the output root::
 
 ``{app}`` is ``partition_value(app)``: percent-encoded, so no app name can climb out of its
 directory or hide from a hive reader; and every path handed out is checked to stay under the
-root.  A row goes to the partition of its session's UTC day.  This module is the one place that
-writes these names and the one place that parses them back (``part_owner``,
-``manifest_owner``, ``download_owner``).
+root with no symbolic link on the way (a link could send a write or a delete elsewhere; the
+root itself may be a link, nothing below it may).  ``files`` lists what lies below a folder
+without following links, and ``remove_file``/``remove_tree`` delete only through real folders:
+the sweep, recovery, ``remove`` and ``forget`` delete through these alone.  A row goes to the
+partition of its session's UTC day.  This module is the one place that writes these names and
+the one place that parses them back (``part_owner``, ``manifest_owner``, ``download_owner``).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +32,7 @@ from backfill.errors import IntegrityError
 from backfill.models import DAY_MS
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 __all__ = [
@@ -127,11 +133,69 @@ class Layout:
         return self.root / "_downloads"
 
     def inside(self, path: Path) -> Path:
-        """``path``, once sure it resolves under the root; else ``IntegrityError``."""
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root.resolve()):
+        """``path``, once sure it resolves under the root with no link on the way; else
+        ``IntegrityError`` naming the path (and the link)."""
+        link = self._first_link(path)  # first: the link is the clearer thing to name
+        if link is not None:
+            raise IntegrityError(_link_refusal(path, link))
+        if not path.resolve().is_relative_to(self.root.resolve()):
             raise IntegrityError(f"refusing to touch {path}: outside the output root {self.root}")
         return path
+
+    def _first_link(self, path: Path) -> Path | None:
+        """The first symbolic link from just below the root down to ``path`` (itself included)."""
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:  # not spelled from the root: the resolved check names it
+            return None
+        current = self.root
+        for part in parts:
+            current = current / part
+            if current.is_symlink():
+                return current
+            if not current.exists():  # nothing deeper exists to be a link
+                return None
+        return None
+
+    def files(self, base: Path, depth: int) -> tuple[list[Path], list[Path]]:
+        """The regular files exactly ``depth`` levels below ``base``, and the links met on the way.
+
+        Never follows a link: a linked folder is listed among the links, not entered.
+        """
+        found: list[Path] = []
+        links: list[Path] = []
+        if not base.exists() and not base.is_symlink():
+            return found, links
+        link = self._first_link(base)
+        if link is not None:
+            return found, [link]
+        for path, is_link in _walk(base, depth):
+            (links if is_link else found).append(path)
+        return sorted(found), sorted(links)
+
+    def remove_file(self, path: Path) -> bool:
+        """Delete ``path`` (a file under the root, reached through real folders only).
+
+        Returns whether it was there; ``IntegrityError`` if a link is on the way.
+        """
+        self.inside(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove_tree(self, path: Path) -> None:
+        """Delete the folder ``path`` and all below it, never through a link.
+
+        The way down to it is checked (``inside``); below it, ``shutil.rmtree`` works from file
+        descriptors and unlinks a link instead of entering it (``avoids_symlink_attacks``).
+        """
+        if not path.exists() and not path.is_symlink():
+            return
+        self.inside(path)
+        assert shutil.rmtree.avoids_symlink_attacks, "this platform's rmtree follows links"
+        shutil.rmtree(path)
 
     def stage_dir(self, app: str, window_id: int, attempt: int) -> Path:
         """The directory an attempt's files are staged in."""
@@ -152,3 +216,27 @@ class Layout:
     def event_path(self, app: str, relative: str) -> Path:
         """The published place of a file listed as ``relative`` (``dt=.../part-...``)."""
         return self.inside(self.events / f"app={partition_value(app)}" / relative)
+
+
+def _link_refusal(path: Path, link: Path) -> str:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    return (
+        f"refusing to touch {path}: {link} is a symbolic link (to {target}); backfill never "
+        "follows links below the output root: remove the link and run again"
+    )
+
+
+def _walk(base: Path, depth: int) -> Iterator[tuple[Path, bool]]:
+    """(path, is a link) of the regular files ``depth`` levels below ``base``, and its links."""
+    with os.scandir(base) as entries:
+        for entry in entries:
+            path = base / entry.name
+            if entry.is_symlink():
+                yield path, True
+            elif depth > 1 and entry.is_dir(follow_symlinks=False):
+                yield from _walk(path, depth - 1)
+            elif depth == 1 and entry.is_file(follow_symlinks=False):
+                yield path, False

@@ -2,9 +2,12 @@
 
 Events are named ``<component>.<action>.<outcome>`` (``window.submit.ok``).  One processor,
 ``redact``, stands between every event and its output: in every value, nested or not (strings,
-dicts, lists, tuples, exceptions), it cuts the query string (a presigned link's signature) off
-every URL and replaces each registered secret (the API token) with ``***``.  Nothing else calls
-``structlog.configure``.
+dicts, lists, tuples, exceptions), it applies ``scrub``.  ``scrub`` is the one redaction for
+everything a person or a file can see (log lines, exception texts, the ledger's error messages,
+the summary, ``status``): it cuts the query string (a presigned link's signature) off every
+link, whatever its scheme and even when malformed, blanks any ``X-Amz-…=``/``Signature=`` value
+and any ``Authorization``/``Bearer`` credential, and replaces each registered secret (the API
+token) with ``***``.  Nothing else calls ``structlog.configure``.
 """
 
 from __future__ import annotations
@@ -19,10 +22,24 @@ import structlog
 if TYPE_CHECKING:
     from collections.abc import MutableMapping
 
-__all__ = ["configure", "get", "redact", "register_secret"]
+__all__ = ["configure", "get", "redact", "register_secret", "scrub"]
 
 _SECRETS: set[str] = set()
-_URL = re.compile(r"(https?://[^\s?#\"']+)\?[^\s#\"']*")
+# A link of any scheme (``https``, ``file``, ...), even a malformed one (``http://[::1/x?...``).
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s?#\"'<>]+)\?[^\s#\"'<>]*")
+# A signed query's secrets where no link is around them (an echoed ``GET /path?... HTTP/1.1``).
+_SIGNED = re.compile(
+    r"((?:X-Amz-[A-Za-z\-]*|Signature|Credential|Security-Token|Policy|Key-Pair-Id)=)"
+    r"[^&\s\"'<>\\]+",
+    re.IGNORECASE,
+)
+# A credential in an echoed header or text: ``Authorization: <anything>``, ``Bearer <token>``.
+_AUTHORIZATION = re.compile(
+    r"(authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token|aws4-hmac-sha256)\s+)?"
+    r"[^\s\"'\\,}]+",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(bearer\s+)[A-Za-z0-9\-._~+/=]+", re.IGNORECASE)
 
 
 def register_secret(value: str) -> None:
@@ -31,13 +48,24 @@ def register_secret(value: str) -> None:
         _SECRETS.add(value)
 
 
+def scrub(text: str) -> str:
+    """``text`` safe to show or store: link queries cut, credentials and secrets blanked.
+
+    The one redaction of the package: log events (``redact``), the client's exception texts,
+    the ledger's error messages, the run summary and ``status`` all go through it.
+    """
+    for secret in _SECRETS:  # first: a secret may hold characters the patterns stop at
+        text = text.replace(secret, "***")
+    text = _URL.sub(r"\1?…", text)
+    text = _SIGNED.sub(r"\1***", text)
+    text = _AUTHORIZATION.sub(r"\1***", text)
+    return _BEARER.sub(r"\1***", text)
+
+
 def _scrub(value: Any) -> Any:
-    """``value`` with URL query strings cut and registered secrets replaced, at any depth."""
+    """``value`` scrubbed (see ``scrub``) at any depth."""
     if isinstance(value, str):
-        value = _URL.sub(r"\1?…", value)
-        for secret in _SECRETS:
-            value = value.replace(secret, "***")
-        return value
+        return scrub(value)
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -272,6 +272,9 @@ def parse_status(
         uri = attributes.get("s3URI")
         if isinstance(uri, str) and uri.startswith(("https://", "http://")):
             return Ready(uri)
+        if isinstance(uri, str) and re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:", uri.strip()):
+            shown = uri.strip().split("?", 1)[0]  # a link's query may hold a signature
+            raise ServerError(f"the download link is not an http(s) link ({shown})", **ctx)
         if isinstance(uri, str) and uri.strip():
             raise ResultsExpiredError(f"results expired ({uri})", **ctx)
         raise ServerError("Success without a download link", **ctx)

@@ -9,15 +9,15 @@ COMMITTED.  ``finish()`` completes an interrupted publish from its manifest; ``r
 an attempt's files out; ``sweep()`` deletes whatever belongs to no live attempt; ``orphans()``
 and ``check_manifest()`` report, for ``verify``, what is wrong without changing anything.  No
 reader ever sees a file without its footer: files appear in ``events/`` only by rename, and
-every path is checked to stay under the output root (see ``layout``).
+every path is checked to stay under the output root with no symbolic link on the way (see
+``layout``): nothing here deletes, moves or writes through a link, and a sweep that meets one
+refuses, naming it, before it deletes anything.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
-import shutil
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
@@ -148,29 +148,28 @@ class LocalStore:
         stage_dir = self.layout.stage_dir(manifest.app, manifest.window_id, manifest.attempt)
         for item in manifest.files:
             final = self._final(manifest, item)
-            staged = stage_dir / item.path
+            staged = self.layout.inside(stage_dir / item.path)
             if final.exists() and final.stat().st_size == item.size:
                 continue
             if not staged.exists():
                 return False
             final.parent.mkdir(parents=True, exist_ok=True)
+            self.layout.inside(final)  # the folders just made: still no link on the way
             os.replace(staged, final)
             _fsync_dir(final.parent)
             crashpoints.hit("writer.publish")
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        self.layout.remove_tree(stage_dir)
         return True
 
     def remove(self, manifest: Manifest) -> None:
-        """Take an attempt's files out of ``events/``, then its manifest."""
+        """Take an attempt's files out of ``events/``, then its manifest (never through a link)."""
         for item in manifest.files:
-            with contextlib.suppress(FileNotFoundError):
-                self._final(manifest, item).unlink()
-        path = self.manifest_path(manifest.app, manifest.window_id, manifest.attempt)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        shutil.rmtree(
-            self.layout.stage_dir(manifest.app, manifest.window_id, manifest.attempt),
-            ignore_errors=True,
+            self.layout.remove_file(self._final(manifest, item))
+        self.layout.remove_file(
+            self.manifest_path(manifest.app, manifest.window_id, manifest.attempt)
+        )
+        self.layout.remove_tree(
+            self.layout.stage_dir(manifest.app, manifest.window_id, manifest.attempt)
         )
 
     # -- manifests -----------------------------------------------------------------------
@@ -185,10 +184,9 @@ class LocalStore:
         return self.load_manifest(path) if path.exists() else None
 
     def manifests(self) -> list[Path]:
-        """Every manifest under ``_manifests/``."""
-        if not self.layout.manifests.exists():
-            return []
-        return sorted(self.layout.manifests.glob("*/*.json"))
+        """Every manifest under ``_manifests/`` (a linked folder or file is not one)."""
+        found, _ = self.layout.files(self.layout.manifests, 2)
+        return [p for p in found if p.suffix == ".json"]
 
     def check_manifest(self, path: Path, rows: int | None) -> list[str]:
         """Problems with one committed attempt: its manifest, its files, their bytes and rows."""
@@ -238,10 +236,14 @@ class LocalStore:
     # -- orphans and sweeping ------------------------------------------------------------
 
     def orphans(self, live: set[tuple[int, int]]) -> list[str]:
-        """Files a reader could see, or that linger, which belong to no committed attempt."""
+        """Files a reader could see, or that linger, which belong to no committed attempt, and
+        every symbolic link below the root's folders (backfill never follows one)."""
         problems = []
-        events = self.layout.events
-        for path in sorted(events.glob("app=*/dt=*/*")) if events.exists() else []:
+        layout = self.layout
+        events, links = layout.files(layout.events, 3)
+        for path in events:
+            if not (path.parent.name.startswith("dt=") and _app_folder(path, layout)):
+                continue
             owner = part_owner(path.name)
             if owner is None:
                 problems.append(f"{path}: not a file backfill wrote")
@@ -252,52 +254,82 @@ class LocalStore:
             for path in self.manifests()
             if manifest_owner(path.name) not in live
         )
-        staged = self.layout.staging
-        if staged.exists() and any(p.is_file() for p in staged.rglob("*")):
-            problems.append(f"{staged}: staged files left behind (the next run sweeps them)")
+        staged, staged_links = layout.files(layout.staging, 4)
+        if staged or _any_file(layout.staging):
+            problems.append(
+                f"{layout.staging}: staged files left behind (the next run sweeps them)"
+            )
+        for base, depth in ((layout.manifests, 2), (layout.rejects, 2), (layout.downloads, 2)):
+            links += layout.files(base, depth)[1]
+        problems.extend(
+            f"{link}: a symbolic link below the output root (backfill never follows links; "
+            "the next run refuses to start until it is removed)"
+            for link in sorted(set(links + staged_links))
+        )
         return problems
 
     def sweep(self, live: set[tuple[int, int]]) -> list[Path]:
-        """Delete event files and manifests whose (window id, attempt) is not in ``live``.
+        """Delete event files, manifests and quarantine files whose (window id, attempt) is not
+        in ``live``; returns what was deleted.  Files that do not look like ours are left alone.
 
-        Returns what was deleted.  Files that do not look like ours are left alone.
+        Everything is listed first without following links; a link anywhere in those folders
+        is an ``IntegrityError`` naming it, raised before anything is deleted.
         """
-        removed = []
-        events, manifests = self.layout.events, self.layout.manifests
-        for path in events.glob("app=*/dt=*/*.parquet") if events.exists() else []:
-            owner = part_owner(path.name)
-            if owner is not None and owner not in live:
-                path.unlink()
-                removed.append(path)
-        for path in self.manifests():
-            owner = manifest_owner(path.name)
-            if owner is not None and owner not in live:
-                path.unlink()
-                removed.append(path)
-        for temporary in manifests.glob("*/*.tmp") if manifests.exists() else []:
-            temporary.unlink()
-        rejects = self.layout.rejects
-        for path in rejects.glob("*/*.ndjson") if rejects.exists() else []:
-            owner = rejects_owner(path.name)
-            if owner is not None and owner not in live:
-                path.unlink()
-                removed.append(path)
+        layout = self.layout
+        events, links = layout.files(layout.events, 3)
+        manifests, manifest_links = layout.files(layout.manifests, 2)
+        rejects, reject_links = layout.files(layout.rejects, 2)
+        _refuse_links(links + manifest_links + reject_links)
+        doomed = [p for p in events if _dead(part_owner(p.name), live) and _app_folder(p, layout)]
+        doomed += [p for p in manifests if _dead(manifest_owner(p.name), live)]
+        doomed += [p for p in rejects if _dead(rejects_owner(p.name), live)]
+        removed = [p for p in doomed if layout.remove_file(p)]
+        for temporary in (p for p in manifests if p.suffix == ".tmp"):
+            layout.remove_file(temporary)
         return removed
 
     def sweep_downloads(self, keep: set[tuple[int, int]], apps: Iterable[str]) -> int:
         """Delete downloads of ``apps`` whose (window id, attempt) is not in ``keep``.
 
-        Returns how many; another app's downloads (another run's) are left alone.
+        Returns how many; another app's downloads (another run's) are left alone, and so is
+        every file not named like a download.  A link met is an ``IntegrityError`` naming it,
+        raised before anything is deleted.
         """
-        removed = 0
-        downloads = self.layout.downloads
-        folders = [downloads / partition_value(app) for app in apps]
-        for path in [p for folder in folders if folder.is_dir() for p in folder.glob("*.gz")]:
-            if download_owner(path.name) not in keep:
-                path.unlink()
-                removed += 1
-        return removed
+        found: list[Path] = []
+        links: list[Path] = []
+        for app in apps:
+            files, met = self.layout.files(self.layout.downloads / partition_value(app), 1)
+            found += files
+            links += met
+        _refuse_links(links)
+        doomed = [p for p in found if _dead(download_owner(p.name), keep)]
+        return sum(self.layout.remove_file(p) for p in doomed)
 
     def discard_staging(self) -> None:
-        """Drop everything staged (call only when no stage is running)."""
-        shutil.rmtree(self.layout.staging, ignore_errors=True)
+        """Drop everything staged (call only when no stage is running); never through a link."""
+        self.layout.remove_tree(self.layout.staging)
+
+
+def _dead(owner: tuple[int, int] | None, live: set[tuple[int, int]]) -> bool:
+    """Whether a file named for ``owner`` is ours and belongs to no live attempt."""
+    return owner is not None and owner not in live
+
+
+def _app_folder(path: Path, layout: Layout) -> bool:
+    """Whether ``path`` (``events/X/dt=.../file``) lies in an ``app=`` folder."""
+    return path.parent.parent.name.startswith("app=") and path.parent.parent.parent == layout.events
+
+
+def _any_file(base: Path) -> bool:
+    """Whether any file lies below ``base`` (``os.walk`` never enters a linked folder)."""
+    return not base.is_symlink() and any(names for _, _, names in os.walk(base))
+
+
+def _refuse_links(links: list[Path]) -> None:
+    if links:
+        shown = ", ".join(f"{link} -> {os.readlink(link)}" for link in links[:5])
+        raise IntegrityError(
+            f"refusing to sweep the output root: {len(links)} symbolic link"
+            f"{'s' * (len(links) != 1)} below it ({shown}); backfill never follows links "
+            "there: remove them and run again"
+        )

@@ -182,3 +182,31 @@ def test_every_event_the_package_logs_is_named_component_action_outcome() -> Non
 # cli.py's periodic line predates the convention and tests/test_cli_runs.py reads it by this
 # name; renaming it (``run.progress.tick``) belongs to the CLI's owner, then this set goes.
 _TWO_PARTS = {"run.progress"}
+
+
+# -- scrub: the one redaction for every text a person or a file can see ------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Authorization: Bearer abc.DEF-123\r\nAccept: x", "Authorization: ***\r\nAccept: x"),
+        ("{'Authorization': 'Bearer abc'}", "{'Authorization': '***'}"),
+        ("Host: h Authorization: Bearer abc Accept: x", "Host: h Authorization: *** Accept: x"),
+        ("sent with bearer abc.def", "sent with bearer ***"),
+        ("GET /b/26.gz?X-Amz-Expires=900&X-Amz-Signature=dead HTTP/1.1",
+         "GET /b/26.gz?X-Amz-Expires=***&X-Amz-Signature=*** HTTP/1.1"),
+        ("link file:///etc/passwd?X-Amz-Signature=dead", "link file:///etc/passwd?…"),
+        ("bad http://[::1/x?X-Amz-Signature=dead here", "bad http://[::1/x?… here"),
+        ("URL('https://s3.test/b?Signature=dead&a=1')", "URL('https://s3.test/b?…')"),
+        ("Expired URI. Please resubmit request", "Expired URI. Please resubmit request"),
+    ],
+)  # fmt: skip
+def test_scrub_blanks_every_form_a_secret_takes_even_unregistered(text: str, expected: str) -> None:
+    assert logs.scrub(text) == expected
+
+
+def test_scrub_replaces_a_registered_secret_wherever_it_stands() -> None:
+    logs.register_secret(SECRET)
+    assert logs.scrub(f"b'{SECRET}\\r\\n' and {SECRET}") == "b'***\\r\\n' and ***"
+    assert logs.redact(None, "info", {"m": f"Bearer {SECRET}"}) == {"m": "Bearer ***"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Final
 
+from backfill import logs
 from backfill.errors import AuthError, ConfigError, IntegrityError
 
 __all__ = [
@@ -69,5 +70,5 @@ def for_error(exc: Exception, *, usage: bool = False) -> int:
         code, hint = EXIT_INTEGRITY, ""
     else:
         code, hint = EXIT_TRANSIENT, ""
-    print(f"backfill: error: {exc}{hint}", file=sys.stderr)
+    print(f"backfill: error: {logs.scrub(str(exc))}{hint}", file=sys.stderr)
     return code

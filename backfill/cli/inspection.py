@@ -130,6 +130,7 @@ async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     settings = session.load(args, env)
     apps = session.chosen(settings, args.app)
+    session.register_token(settings, env)  # an error message must not show it, even an old one
     if not settings.ledger_path.exists():
         report: list[AppStatus] = []
     else:

@@ -9,7 +9,6 @@ is retired or was added by mistake.  Both hold the run lock.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ import anyio.to_thread
 
 from backfill.cli import recorded, runs, session
 from backfill.cli.exits import EXIT_OK, EXIT_USAGE
-from backfill.errors import ConfigError, IntegrityError
+from backfill.errors import ConfigError
 from backfill.models import WindowState
 
 if TYPE_CHECKING:
@@ -135,10 +134,9 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _remove(folder: Path) -> None:
-    if folder.is_symlink():  # its target may lie outside the root: never follow it
-        raise IntegrityError(f"refusing to remove {folder}: a symbolic link")
-    shutil.rmtree(folder)
+def _remove(layout: Layout, folder: Path) -> None:
+    """Delete ``folder``; a link on the way or inside it is never followed (``remove_tree``)."""
+    layout.remove_tree(folder)
 
 
 async def forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -171,7 +169,7 @@ async def forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 print(f"run again with --yes to delete them: backfill forget --app {name} --yes")
                 return EXIT_USAGE
             for folder in folders:  # the files first: a kill leaves rows to forget again
-                await anyio.to_thread.run_sync(_remove, folder)
+                await anyio.to_thread.run_sync(_remove, layout, folder)
             await ledger.forget(name)
     print(f"forgot {name}: removed {what}")
     if any(a.name == name for a in settings.apps):

@@ -261,7 +261,7 @@ def _print_summary(summary: Summary) -> None:
     print(f"API:     {calls or 'no calls'}")
     print(f"time:    {summary.wall_s:.1f} s")
     for app, window, reason in summary.failures[:10]:
-        print(f"failed:  {app} {window}: {reason}")
+        print(f"failed:  {app} {window}: {logs.scrub(reason)}")
     if summary.interrupted:
         print(
             "interrupted: every request id is in the ledger; run the same command again to resume"

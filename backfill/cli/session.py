@@ -36,6 +36,7 @@ __all__ = [
     "open_ledger",
     "open_ledger_at",
     "prologue",
+    "register_token",
 ]
 
 DEFAULT_CONFIG = Path("config/backfill.toml")
@@ -90,6 +91,12 @@ def prologue(
     token = config.read_token(settings, env)
     logs.register_secret(token)
     return settings, apps, token
+
+
+def register_token(settings: Settings, env: Mapping[str, str]) -> None:
+    """The token, if it can be read, registered for redaction (``status`` needs no token)."""
+    with contextlib.suppress(ConfigError):
+        logs.register_secret(config.read_token(settings, env))
 
 
 def check_order(args: argparse.Namespace) -> None:
