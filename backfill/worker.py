@@ -23,6 +23,7 @@ from backfill import commit, lifecycle, planner
 from backfill.errors import AuthError, FatalError, StaleAttemptError, WindowError
 from backfill.events import WindowEvent
 from backfill.lifecycle import Effect, Event, Outcome, Progress
+from backfill.logs import scrub
 from backfill.models import HOUR_MS, WindowState
 from backfill.protocol import Ready
 
@@ -208,7 +209,7 @@ class Worker:
             children = planner.split(window, step.split_ms, tz=self.c.tz)
         except WindowError as exc:  # too large even at the floor
             turn.error = exc
-            return lifecycle.outcome_of(exc)
+            return _outcome_of(exc)
         if outcome.event is Event.TOO_LARGE:
             smaller = self.c.sizes.refused(window, at_submit=record.state is S.PENDING)
             if smaller is not None:
@@ -238,13 +239,14 @@ class Worker:
             return await act(turn)
         except (WindowError, AuthError) as exc:
             turn.error = exc
-            return lifecycle.outcome_of(exc, after=Effect.SUBMIT if effect is Effect.RESUBMIT
+            return _outcome_of(exc, after=Effect.SUBMIT if effect is Effect.RESUBMIT
                                         else effect)  # fmt: skip
         except FatalError:  # the disk, the ledger: no window can go on
             raise
         except Exception as exc:  # a bug or a surprise: this window fails, the run goes on
             turn.error = exc
-            return Outcome(event=Event.ERROR, after=effect, detail=f"{type(exc).__name__}: {exc}")
+            detail = scrub(f"{type(exc).__name__}: {exc}")
+            return Outcome(event=Event.ERROR, after=effect, detail=detail)
 
     async def _submit(self, turn: _Turn) -> Outcome:
         budget, window = self.c.budget, turn.record.window
@@ -358,7 +360,7 @@ class Worker:
     async def _fail_other(self, member: WindowRecord, exc: WindowError) -> None:
         """Apply the table's decision for ``exc`` to another window of the same group."""
         step = lifecycle.decide(
-            member.state, lifecycle.outcome_of(exc), Progress(), self.c.policy, self.c.rng
+            member.state, _outcome_of(exc), Progress(), self.c.policy, self.c.rng
         )
         failed = await self.c.ledger.advance(member, S.FAILED, error_class=type(exc).__name__,
                                              error_message=step.reason,
@@ -402,6 +404,12 @@ class Worker:
 
     def _emit(self, name: str, record: WindowRecord, **fields: Any) -> None:
         self.c.emit(WindowEvent(name=name, record=record, fields=fields))
+
+
+def _outcome_of(error: WindowError | AuthError, after: Effect | None = None) -> Outcome:
+    """The outcome ``error`` stands for, its text scrubbed (it goes to the ledger, the summary)."""
+    outcome = lifecycle.outcome_of(error, after)
+    return dataclasses.replace(outcome, detail=scrub(outcome.detail))
 
 
 def _error_class(turn: _Turn, outcome: Outcome) -> str:

@@ -248,3 +248,19 @@ async def test_an_unexpected_exception_fails_its_window_and_the_run_goes_on(run:
     assert (first.state, first.retryable, first.error_class) == (S.FAILED, True, "RuntimeError")
     assert "surprise from a server" in (first.error_message or "")
     assert second.state is S.COMMITTED and summary.committed == 1 and summary.failed == 1
+
+
+async def test_what_a_server_echoes_reaches_the_ledger_and_the_summary_scrubbed(run: Run) -> None:
+    from backfill.errors import ServerError
+
+    echo = ServerError(
+        "502: <pre>Authorization: Bearer SENTINEL-TOKEN-123\n"
+        "GET https://bucket.example/x.gz?X-Amz-Signature=SENTINELSIG</pre>"
+    )
+    run.api.polls[START, START + 30 * DAY] = [echo]
+    await run.plan(30)
+    summary = await run.go()
+    (record,) = await run.ledger.windows()
+    assert record.state is S.FAILED
+    seen = f"{record.error_message} {summary.failures}"
+    assert "502" in seen and "SENTINEL" not in seen
