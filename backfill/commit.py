@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
+from backfill import logs
 from backfill.errors import ShrinkError, StorageError
 from backfill.models import WindowRecord, WindowState
 
@@ -185,6 +186,12 @@ class Recovery:
     finished: list[int] = field(default_factory=list)  # STAGED windows whose publish it completed
     requeued: list[int] = field(default_factory=list)  # windows sent back to PENDING
     swept: int = 0  # files and manifests of no live attempt, deleted
+
+    def log(self) -> None:
+        """One ``run.recover.ok`` line, if recovery did anything."""
+        if self.finished or self.requeued or self.swept:
+            logs.get("engine").info("run.recover.ok", finished=len(self.finished),
+                                    requeued=len(self.requeued), swept=self.swept)  # fmt: skip
 
 
 async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:

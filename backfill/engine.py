@@ -207,10 +207,8 @@ class Engine:
         names = [a.name for a in apps]
         try:
             work = await self._prepare(names)
-            workers = sum(
-                (self.settings.api.max_in_flight, self.settings.api.downloads_at_once,
-                 self.settings.api.conversions_at_once)
-            )  # fmt: skip
+            a = self.settings.api
+            workers = a.max_in_flight + a.downloads_at_once + a.conversions_at_once
             await run_pool(work, Worker(self._context).handle, workers=workers)
         except BaseExceptionGroup as group:
             # A fatal error (401, ledger trouble, a full disk) ended the pool: raise it as itself.
@@ -224,9 +222,7 @@ class Engine:
         return self.summary
 
     async def _prepare(self, names: list[str]) -> list[WindowRecord]:
-        recovery = await commit.recover(self.ledger, self.store)
-        if recovery.finished or recovery.requeued or recovery.swept:
-            log_recovery(recovery)
+        (await commit.recover(self.ledger, self.store)).log()
         work = await self.ledger.windows(apps=names, states=UNFINISHED)
         keep = {(r.id, r.attempt) for r in work if r.state is S.DOWNLOADED}
         await anyio.to_thread.run_sync(self.store.sweep_downloads, keep, names)
@@ -249,14 +245,3 @@ class Engine:
     def _emit(self, event: WindowEvent) -> None:
         for listener in self._listeners:
             listener(event)
-
-
-def log_recovery(recovery: commit.Recovery) -> None:
-    from backfill import logs
-
-    logs.get("engine").info(
-        "run.recover.ok",
-        finished=len(recovery.finished),
-        requeued=len(recovery.requeued),
-        swept=recovery.swept,
-    )
