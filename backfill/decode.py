@@ -3,31 +3,82 @@
 Theory of operation.  ``tables()`` runs four steps with memory bounded by the block size, never
 by the file: (1) decompress (``inflate``: gzip, one member or several, zip, or plain; decided by
 the magic bytes) in a prefetch thread, within limits on compressed size, decompressed size and
-their ratio, so a bomb fails the window; (2) frame whole lines (JSON) or records (CSV, where a
-newline inside quotes is not a boundary) into blocks of a few MB (``framing``), refusing an
-over-long line; (3) parse each block on its own thread (``parsers``); (4) cast to ``SCHEMA`` and
-derive ``eventTimestamp``.  A block that does not parse is scanned row by row (``rowcheck``) to
-name the first bad line, field and value, or, when a quarantine callback is given, to set the
-bad rows aside and keep the good ones.  The schema and the limits live in ``schema``.
+their ratio, checked as it inflates, so a bomb fails the window; (2) frame whole lines (JSON) or
+records (CSV, where a newline inside quotes is not a boundary) into blocks of a few MB
+(``framing``), refusing an over-long line and dropping blank space without buffering it;
+(3) parse each block on its own thread (``parsers``); (4) cast to ``SCHEMA`` and derive
+``eventTimestamp``.  A block that does not parse is scanned row by row (``rowcheck``) to name
+the first bad line, field and value, or, when a quarantine callback is given, to set the bad
+rows aside and keep the good ones.  Every loop does a bounded amount of work between checks of
+the caller's ``stop`` (a callable or an Event), and raises ``Stopped`` once it is set.  Whatever
+DuckDB, Arrow, numpy or zlib raise on hostile input leaves ``tables()`` as ``BadDataError``.
+
+What a row must be (the README's schema section says the same):
+
+- JSON lines: one object per line with each of the sixteen fields as a key (``null`` for no
+  value) and no key twice; other keys are ignored.  CSV: a header naming each of the sixteen
+  fields once (other columns are ignored), as many cells in every row; an empty cell is null.
+- ``sessionTimestamp`` (required), ``sessionDuration``, ``eventOffset``, ``birthYear``: an
+  integer (a JSON integer literal; in CSV ``-?[0-9]+``) in range.  A string, a boolean, a
+  fraction or an exponent (``"5"``, ``true``, ``1.5``, ``5.0``, ``1e3``) is a bad row.
+  ``sessionTimestamp`` must lie in 2000-01-01 .. 2100-01-01 UTC (``Limits``), and, when a window
+  is asked for, inside it (``staging``).
+- ``latitude``, ``longitude``: a finite number.
+- The three maps: a JSON object (or null) with no key twice.  A value that is a string is kept
+  as it is; null stays null; any other value (number, boolean, array, object) is kept as its
+  compact JSON text, as DuckDB writes it: ``1`` → ``"1"``, ``true`` → ``"true"``, ``1.50`` →
+  ``"1.5"``, ``{"a": [1, 2]}`` → ``"{\"a\":[1,2]}"``.
+- The other fields are strings; a value of another JSON type is kept as its JSON text by the
+  same rule.
 """
 
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import TYPE_CHECKING, Literal
 
+import duckdb
+import pyarrow as pa
+from isal import isal_zlib
+
+from backfill.errors import BadDataError
 from backfill.framing import blocks, chain, csv_header
 from backfill.inflate import Prefetch, chunks
-from backfill.parsers import ParserPool
-from backfill.schema import FIELDS, MAPS, SCHEMA, Limits
+from backfill.parsers import PARSE_ERRORS, ParserPool
+from backfill.schema import FIELDS, MAPS, SCHEMA, Limits, Stopped, stop_check
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
-    import pyarrow as pa
+__all__ = ["DATA_ERRORS", "FIELDS", "MAPS", "SCHEMA", "Limits", "Stopped", "tables", "translate"]
 
-__all__ = ["FIELDS", "MAPS", "SCHEMA", "Limits", "tables"]
+# What a library may raise on hostile bytes (OSError is left alone: that is the disk, not data).
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    *PARSE_ERRORS,
+    duckdb.Error,
+    pa.ArrowException,
+    zlib.error,
+    isal_zlib.error,  # type: ignore[arg-type]  # isal stubs type its error as an instance
+    EOFError,
+    UnicodeError,
+    RecursionError,
+)
+
+
+@contextlib.contextmanager
+def translate(where: dict[str, str | None]) -> Iterator[None]:
+    """Turn a library's exception on hostile input into ``BadDataError`` (the disk's stay)."""
+    try:
+        yield
+    except (BadDataError, Stopped, OSError):
+        raise
+    except DATA_ERRORS as exc:
+        raise BadDataError(
+            f"the download does not convert: {type(exc).__name__}: {str(exc)[:300]}", **where
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -36,28 +87,50 @@ def tables(
     limits: Limits,
     where: dict[str, str | None],
     quarantine: Callable[[int, str, str], None] | None = None,
+    stop: Callable[[], bool] | threading.Event | None = None,
 ) -> Iterator[Iterator[pa.Table]]:
     """The rows of ``source`` as Arrow tables in ``SCHEMA``, block by block.
 
     A context manager, so that the prefetch and parser threads stop however the caller leaves.
-    Raises ``BadDataError`` (from the iterator) for corrupt, hostile or schema-breaking input.
+    Raises ``BadDataError`` (from the iterator) for corrupt, hostile or schema-breaking input,
+    and ``Stopped`` within a block's work of ``stop`` being set.
     """
-    pieces = Prefetch(chunks(source, limits, where))
+    check_stop = stop_check(stop)
+    pieces = Prefetch(chunks(source, limits, where), check_stop=check_stop)
     parsers: ParserPool | None = None
     try:
-        first = b""
-        for piece in pieces:
-            first += piece
-            if first.strip():
-                break
-        fmt: Literal["json", "csv"] = "json" if first.lstrip()[:1] in (b"{", b"") else "csv"
-        header = None
-        if fmt == "csv":
-            first, header = csv_header(first, pieces, limits, where)
-        parsers = ParserPool(limits.parse_workers, fmt, header, quarantine)
-        framed = blocks(chain(first, pieces), limits, fmt == "csv", where, 1 + (fmt == "csv"))
-        yield parsers.map(framed, where)
+        with translate(where):
+            first, line = _skip_blank(pieces, check_stop)
+            fmt: Literal["json", "csv"] = "json" if first[:1] in (b"{", b"") else "csv"
+            header = None
+            if fmt == "csv":
+                first, header = csv_header(first, pieces, limits, where)
+                line += 1
+            parsers = ParserPool(limits.parse_workers, fmt, header, quarantine, limits, check_stop)
+            framed = blocks(chain(first, pieces), limits, fmt == "csv", where, line, check_stop)
+        yield _translated(parsers.map(framed, where), where)
     finally:
         if parsers is not None:
             parsers.close()
         pieces.close()
+
+
+def _skip_blank(pieces: Iterator[bytes], check_stop: Callable[[], None]) -> tuple[bytes, int]:
+    """The first piece with content, its leading blank space cut; and the line it begins on.
+
+    Blank space is counted and dropped piece by piece, never gathered: a gzip of gigabytes of
+    newlines costs time linear in its size and no memory.
+    """
+    line = 1
+    for piece in pieces:
+        check_stop()
+        content = piece.lstrip()
+        if content:
+            return content, line + piece.count(b"\n", 0, len(piece) - len(content))
+        line += piece.count(b"\n")
+    return b"", line
+
+
+def _translated(tables: Iterator[pa.Table], where: dict[str, str | None]) -> Iterator[pa.Table]:
+    with translate(where):
+        yield from tables

@@ -12,6 +12,7 @@ block's records as an Arrow string array without copying them.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,33 +24,60 @@ from backfill.errors import BadDataError
 from backfill.schema import FIELDS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from backfill.schema import Limits
 
-__all__ = ["Block", "blocks", "chain", "csv_header", "lines", "record_ends"]
+__all__ = ["Block", "blocks", "chain", "csv_header", "frame", "lines"]
 
-
-def record_ends(
-    view: np.ndarray[Any, np.dtype[np.uint8]], csv_quotes: bool
-) -> np.ndarray[Any, Any]:
-    """Positions of the newlines that end a record (in CSV, not those inside quotes)."""
-    newlines = np.flatnonzero(view == 10)
-    if csv_quotes and len(newlines):
-        # RFC 4180 doubles quotes inside cells, so a newline is inside one iff the quotes
-        # before it are odd in number; a running XOR keeps the parity in one byte a position.
-        parity = np.bitwise_xor.accumulate((view == 34).view(np.uint8))[newlines]
-        newlines = newlines[parity == 0]
-    return newlines
+_STEP = 1 << 20  # bytes scanned at a time: a block of blank lines costs 8 bytes a line per MB
 
 
 @dataclass(slots=True)
 class Block:
-    """Whole records of a download: their bytes, where they start, where each one ends."""
+    """Whole records of a download: their bytes, where they start, where each one ends.
+
+    ``ends`` holds only the newlines that end a record with content (blank lines, and a lone
+    ``\r``, are no record; a record's text runs from the end before it, blank lines included);
+    ``count`` is how many lines the block has, blank ones too.
+    """
 
     data: bytes
     first_line: int  # 1-based line number of the block's first line
-    ends: np.ndarray[Any, Any]  # positions of the newlines that end its records
+    ends: np.ndarray[Any, Any]  # positions of the newlines that end its non-blank records
+    count: int = 0
+
+
+def frame(
+    data: bytes, first_line: int, csv_quotes: bool, max_line: int, where: dict[str, str | None]
+) -> tuple[Block, int]:
+    """``data`` as a block of its newline-ended records; and where its last record ends (-1: none).
+
+    Scans a megabyte at a time, so a block of blank lines costs little memory; raises
+    ``BadDataError`` for a line longer than ``max_line`` bytes.
+    """
+    view = np.frombuffer(data, dtype=np.uint8)
+    # RFC 4180 doubles quotes inside cells, so a newline is inside one iff the quotes before it
+    # are odd in number; a running XOR keeps the parity in one byte a position.
+    parity = np.bitwise_xor.accumulate((view == 34).view(np.uint8)) if csv_quotes else None
+    kept: list[np.ndarray[Any, Any]] = []
+    last, count = -1, 0
+    for low in range(0, len(view), _STEP):
+        newlines = np.flatnonzero(view[low : low + _STEP] == 10) + low
+        if parity is not None and len(newlines):
+            newlines = newlines[parity[newlines] == 0]
+        if not len(newlines):
+            continue
+        before = np.concatenate(([last], newlines[:-1]))
+        lengths = newlines - before  # the newline included
+        if int(lengths.max()) > max_line:
+            at = count + int(np.argmax(lengths > max_line))
+            raise BadDataError(f"line {first_line + at} is longer than {max_line} bytes", **where)
+        keep = (lengths > 2) | ((lengths == 2) & (view[before + 1] != 13))
+        kept.append(newlines[keep].astype(np.int64 if len(data) >= 2**31 else np.int32))
+        last, count = int(newlines[-1]), count + len(newlines)
+    ends = np.concatenate(kept) if kept else np.empty(0, dtype=np.int32)
+    return Block(data, first_line, ends, count), last
 
 
 def blocks(
@@ -58,13 +86,23 @@ def blocks(
     csv_quotes: bool,
     where: dict[str, str | None],
     line: int = 1,
+    check_stop: Callable[[], None] = lambda: None,
 ) -> Iterator[Block]:
-    """Blocks of whole records, about ``limits.block_bytes`` each, their newlines found once."""
+    """Blocks of whole records, about ``limits.block_bytes`` each, their newlines found once.
+
+    Blank space between records costs no block: a piece of nothing but whitespace, with no
+    record begun, is counted (for line numbers) and dropped.
+    """
     carry = b""
     pieces = iter(pieces)
     while True:
+        check_stop()
         piece = next(pieces, None)
         if piece is not None:
+            if piece.isspace() and (not carry or carry.isspace()):
+                line += carry.count(b"\n") + piece.count(b"\n")
+                carry = b""
+                continue
             carry += piece
             if len(carry) < limits.block_bytes:
                 continue
@@ -72,8 +110,8 @@ def blocks(
             return
         elif not carry.endswith(b"\n"):
             carry += b"\n"
-        ends = record_ends(np.frombuffer(carry, dtype=np.uint8), csv_quotes)
-        if not len(ends):
+        block, last = frame(carry, line, csv_quotes, limits.max_line_bytes, where)
+        if last < 0:
             if len(carry) > limits.max_line_bytes:
                 raise BadDataError(
                     f"line {line} is longer than {limits.max_line_bytes} bytes", **where
@@ -81,43 +119,28 @@ def blocks(
             if piece is None:
                 raise BadDataError(f"unterminated quoted CSV cell from line {line}", **where)
             continue
-        cut = int(ends[-1]) + 1
-        block, carry = carry[:cut], carry[cut:]
-        _check_lengths(ends, line, limits, where)
+        block.data, carry = carry[: last + 1], carry[last + 1 :]
         crashpoints.hit("decode.block")
-        yield Block(block, line, ends)
-        line += len(ends)
+        yield block
+        line += block.count
         if piece is None and not carry.strip():
             return
 
 
-def _check_lengths(
-    ends: np.ndarray[Any, Any], line: int, limits: Limits, where: dict[str, str | None]
-) -> None:
-    """Refuse a block holding a record longer than ``limits.max_line_bytes``."""
-    lengths = np.diff(ends, prepend=-1)
-    if int(lengths.max()) > limits.max_line_bytes:
-        at = int(np.argmax(lengths > limits.max_line_bytes))
-        raise BadDataError(
-            f"line {line + at} is longer than {limits.max_line_bytes} bytes", **where
-        )
-
-
 def lines(block: Block) -> pa.StringArray:
-    """The block's non-blank lines as an Arrow string array, without copying the bytes."""
+    """The block's records as an Arrow string array, without copying the bytes.
+
+    Each string runs from the end of the record before it, so it may begin with blank lines:
+    JSON allows the whitespace.
+    """
     ends = block.ends
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts
-    view = np.frombuffer(block.data, dtype=np.uint8)
-    keep = (lengths > 1) | ((lengths == 1) & (view[starts] != 13))  # blank and "\r" lines go
     wide = len(block.data) >= 2**31
     offsets = np.empty(len(ends) + 1, dtype=np.int64 if wide else np.int32)
     offsets[0] = 0
     offsets[1:] = ends + 1
     kind = pa.large_string() if wide else pa.string()
     buffers = [None, pa.py_buffer(offsets), pa.py_buffer(block.data)]
-    array = pa.Array.from_buffers(kind, len(ends), buffers)
-    return array if keep.all() else array.filter(pa.array(keep))
+    return pa.Array.from_buffers(kind, len(ends), buffers)
 
 
 def chain(first: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
@@ -133,7 +156,7 @@ def csv_header(
     """Split a CSV download's header line off ``first`` (reading on as needed) and check it.
 
     Returns the bytes after the header and its column names; raises ``BadDataError`` when the
-    line is too long or is not a Flurry header.
+    line is too long, is not a Flurry header, names a column twice or lacks one of ``FIELDS``.
     """
     while b"\n" not in first:
         piece = next(pieces, None)
@@ -150,4 +173,10 @@ def csv_header(
         header = []
     if "sessionTimestamp" not in header or len(set(header) & set(FIELDS)) < 3:
         raise BadDataError(f"neither JSON lines nor a Flurry CSV header: {line[:60]!r}", **where)
+    twice = sorted(name for name, times in Counter(header).items() if times > 1)
+    if twice:
+        raise BadDataError(f"the CSV header names a column twice: {', '.join(twice)}", **where)
+    missing = [name for name in FIELDS if name not in header]
+    if missing:
+        raise BadDataError(f"the CSV header lacks the columns: {', '.join(missing)}", **where)
     return rest, header

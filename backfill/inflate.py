@@ -23,7 +23,7 @@ from isal import isal_zlib
 from backfill.errors import BadDataError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from backfill.schema import Limits
@@ -118,7 +118,13 @@ def _unzip(path: Path, budget: int, where: dict[str, str | None]) -> Iterator[by
 class Prefetch:
     """Runs a byte iterator (decompression) in a thread, one piece ahead: overlaps with parsing."""
 
-    def __init__(self, source: Iterator[bytes], depth: int = 4) -> None:
+    def __init__(
+        self,
+        source: Iterator[bytes],
+        depth: int = 4,
+        check_stop: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._check_stop = check_stop
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
@@ -143,7 +149,13 @@ class Prefetch:
         return self
 
     def __next__(self) -> bytes:
-        kind, value = self._queue.get()
+        while True:  # in short waits, so that the caller's stop is seen within 0.1 s
+            self._check_stop()
+            try:
+                kind, value = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
         if kind == "data":
             data: bytes = value
             return data

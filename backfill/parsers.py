@@ -27,13 +27,17 @@ import pyarrow.csv as pa_csv
 
 from backfill import rowcheck
 from backfill.errors import BadDataError
-from backfill.framing import Block, lines
+from backfill.framing import frame, lines
+from backfill.rowcheck import FLOAT_FIELDS, INT_FIELDS
 from backfill.schema import FIELDS, INPUT, MAP, MAPS, SCHEMA
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["ParserPool"]
+    from backfill.framing import Block
+    from backfill.schema import Limits
+
+__all__ = ["PARSE_ERRORS", "ParserPool"]
 
 _DUCK = {
     pa.int64(): "BIGINT",
@@ -42,13 +46,33 @@ _DUCK = {
     pa.string(): "VARCHAR",
 }
 _MAP_DUCK = "MAP(VARCHAR, VARCHAR)"
+_NUMBERS = INT_FIELDS + FLOAT_FIELDS
+# Numbers come out of DuckDB as their JSON text, checked byte by byte and cast by Arrow: DuckDB
+# alone would turn "5", true and 1.5 into integers without a word.
 _JSON_SCHEMA = json.dumps(
-    {name: (_MAP_DUCK if name in MAPS else _DUCK[INPUT[name]]) for name in FIELDS}
+    {
+        name: _MAP_DUCK if name in MAPS else "JSON" if name in _NUMBERS else _DUCK[INPUT[name]]
+        for name in FIELDS
+    }
 ).replace("'", "''")
 _MAP_SQL = f"json_transform_strict({{0}}, '\"{_MAP_DUCK}\"') AS {{0}}"
+_ALLOWED = {name: np.zeros(256, dtype=bool) for name in _NUMBERS}
+for _name, _bytes in _ALLOWED.items():
+    _bytes[list(b"0123456789-" if _name in INT_FIELDS else b"0123456789-+.eE")] = True
+# Whatever a hostile block makes DuckDB or Arrow raise sends it to the row-by-row diagnosis.
+PARSE_ERRORS: tuple[type[Exception], ...] = (
+    duckdb.Error, pa.ArrowException, ValueError, KeyError, TypeError, OverflowError, IndexError,
+)  # fmt: skip
 
 _IDLE: list[duckdb.DuckDBPyConnection] = []
 _IDLE_LOCK = threading.Lock()
+
+
+class _Refused(Exception):
+    """A value the fast path saw break a rule: the block goes to the row-by-row diagnosis."""
+
+
+_FALLBACK: tuple[type[Exception], ...] = (*PARSE_ERRORS, _Refused)
 
 
 def _take_connection() -> duckdb.DuckDBPyConnection:
@@ -70,6 +94,36 @@ def _empty_input() -> pa.Table:
     return pa.table({n: pa.array([], MAP if n in MAPS else INPUT[n]) for n in FIELDS})
 
 
+def _numbers(table: pa.Table) -> pa.Table:
+    """``table`` with its number columns (JSON or CSV text) checked and cast to ``INPUT``."""
+    for name in _NUMBERS:
+        index = table.schema.get_field_index(name)
+        if index < 0:
+            continue
+        column = table.column(index)
+        for chunk in column.chunks:
+            _check_bytes(chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk, name)
+        if isinstance(column.type, pa.ExtensionType):
+            column = pa.chunked_array([c.storage for c in column.chunks], column.type.storage_type)
+        cast = pc.cast(column, INPUT[name])
+        if name in FLOAT_FIELDS and pc.any(pc.is_inf(cast)).as_py():
+            raise _Refused(name)
+        table = table.set_column(index, name, cast)
+    return table
+
+
+def _check_bytes(chunk: pa.Array, name: str) -> None:
+    """Refuse a number column holding a byte no integer (or decimal number) has."""
+    data = chunk.buffers()[2]
+    if data is None or not len(chunk):
+        return
+    wide = pa.types.is_large_string(chunk.type)
+    offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if wide else np.int32)
+    low, high = int(offsets[chunk.offset]), int(offsets[chunk.offset + len(chunk)])
+    if not _ALLOWED[name][np.frombuffer(data, dtype=np.uint8)[low:high]].all():
+        raise _Refused(name)
+
+
 class _Parser:
     """Turns blocks into Arrow tables in ``SCHEMA``; one per pool thread (one DuckDB each)."""
 
@@ -78,21 +132,63 @@ class _Parser:
         fmt: Literal["json", "csv"],
         header: list[str] | None,
         quarantine: Callable[[int, str, str], None] | None,
+        limits: Limits,
+        check_stop: Callable[[], None],
     ) -> None:
         self.fmt = fmt
         self.header = header
         self.quarantine = quarantine
+        self.session_range = (limits.min_session_ms, limits.max_session_ms)
+        self.check_stop = check_stop
         self.db = _take_connection()
 
     def close(self) -> None:
         _give_back(self.db)
 
     def parse(self, block: Block, where: dict[str, str | None]) -> pa.Table:
+        """``block`` as a table in ``SCHEMA``; its bad rows fail it (or go to quarantine)."""
+        self.check_stop()
         try:
-            table = self._parse_json(block) if self.fmt == "json" else self._parse_csv(block.data)
-        except (duckdb.Error, pa.ArrowInvalid):
-            table = self._salvage(block, where)
-        return self._shape(table, block, where)
+            return self._shape(self._fast(block))
+        except _FALLBACK:
+            pass
+        good = rowcheck.sift(
+            block, self.fmt, self.header, self.quarantine, where, self.session_range,
+            self.check_stop,
+        )  # fmt: skip
+        return self._settle(good, where)
+
+    def _fast(self, block: Block) -> pa.Table:
+        return self._parse_json(block) if self.fmt == "json" else self._parse_csv(block.data)
+
+    def _settle(self, rows: list[tuple[int, bytes]], where: dict[str, str | None]) -> pa.Table:
+        """Parse the rows the diagnosis passed; should one still not convert, find it by halves.
+
+        The diagnosis and the parsers follow the same rules, so this is a safety net: whatever
+        DuckDB or Arrow refuse that the diagnosis let through fails the row that caused it
+        (with the parser's message), never the run.
+        """
+        if not rows:
+            return self._shape(_empty_input())
+        self.check_stop()
+        data = b"\n".join(text for _, text in rows) + b"\n"
+        try:
+            if self.fmt == "json":
+                block, _ = frame(data, rows[0][0], False, len(data) + 1, where)
+                return self._shape(self._parse_json(block))
+            return self._shape(self._parse_csv(data))
+        except _FALLBACK as exc:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                return pa.concat_tables(
+                    [self._settle(rows[:half], where), self._settle(rows[half:], where)]
+                )
+            line, text = rows[0]
+            problem = f"line {line}: does not convert ({type(exc).__name__}: {str(exc)[:200]})"
+            if self.quarantine is None:
+                raise BadDataError(problem, **where) from exc
+            self.quarantine(line, text.decode("utf-8", "replace"), problem)
+            return self._shape(_empty_input())
 
     def _parse_json(self, block: Block) -> pa.Table:
         # Small record batches let DuckDB spread one block over all its threads.
@@ -106,7 +202,7 @@ class _Parser:
             table: pa.Table = self.db.sql(sql).to_arrow_table()
         finally:
             self.db.unregister("block_lines")
-        return table
+        return _numbers(table)
 
     def _maps(self, raw: pa.Table) -> pa.Table:
         names = raw.column_names
@@ -124,26 +220,17 @@ class _Parser:
             read_options=pa_csv.ReadOptions(column_names=self.header, use_threads=False),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(
-                column_types={n: INPUT[n] for n in self.header if n in INPUT},
+                # Numbers as text, checked like JSON's; only an empty cell is null.
+                column_types={n: pa.string() for n in self.header if n in INPUT},
+                null_values=[""],
                 strings_can_be_null=True,
                 include_columns=[n for n in self.header if n in INPUT],
             ),
         )
-        return self._maps(table)
+        return _numbers(self._maps(table))
 
-    def _salvage(self, block: Block, where: dict[str, str | None]) -> pa.Table:
-        """Find the bad rows of a block that failed to parse; fail, or quarantine them."""
-        good = rowcheck.sift(block, self.fmt, self.header, self.quarantine, where)
-        if not good:
-            return _empty_input()
-        data = b"\n".join(good) + b"\n"
-        if self.fmt == "json":
-            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
-            return self._parse_json(Block(data, block.first_line, ends))
-        assert self.header is not None
-        return self._parse_csv(data)
-
-    def _shape(self, table: pa.Table, block: Block, where: dict[str, str | None]) -> pa.Table:
+    def _shape(self, table: pa.Table) -> pa.Table:
+        """Cast to ``SCHEMA``, derive ``eventTimestamp``; refuse a session time out of range."""
         n = table.num_rows
         columns: dict[str, pa.ChunkedArray | pa.Array] = {}
         for name in FIELDS:
@@ -153,11 +240,13 @@ class _Parser:
             else:
                 columns[name] = pa.nulls(n, want)
         session = columns["sessionTimestamp"]
-        if session.null_count:
-            raise BadDataError(
-                f"a row near line {block.first_line} has no sessionTimestamp", **where
-            )
-        event = pc.add(session, pc.coalesce(columns["eventOffset"], 0))
+        if n:
+            low, high = pc.min_max(session).values()
+            if session.null_count or not (
+                self.session_range[0] <= low.as_py() and high.as_py() < self.session_range[1]
+            ):
+                raise _Refused("sessionTimestamp")
+        event = pc.add_checked(session, pc.coalesce(columns["eventOffset"], 0))
         columns["eventTimestamp"] = event
         return pa.table([columns[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
 
@@ -171,9 +260,14 @@ class ParserPool:
         fmt: Literal["json", "csv"],
         header: list[str] | None,
         quarantine: Callable[[int, str, str], None] | None,
+        limits: Limits,
+        check_stop: Callable[[], None],
     ) -> None:
+        self._check_stop = check_stop
         self._idle: queue.Queue[_Parser] = queue.Queue()
-        self._all = [_Parser(fmt, header, quarantine) for _ in range(max(1, workers))]
+        self._all = [
+            _Parser(fmt, header, quarantine, limits, check_stop) for _ in range(max(1, workers))
+        ]
         for parser in self._all:
             self._idle.put(parser)
         self._pool = ThreadPoolExecutor(max_workers=len(self._all), thread_name_prefix="parse")
@@ -190,14 +284,24 @@ class ParserPool:
         pending: deque[Future[pa.Table]] = deque()
         try:
             for block in blocks:
+                self._check_stop()
                 pending.append(self._pool.submit(self._parse, block, where))
                 if len(pending) > len(self._all):
-                    yield pending.popleft().result()
+                    yield self._result(pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield self._result(pending.popleft())
         finally:
             for future in pending:
                 future.cancel()
+
+    def _result(self, future: Future[pa.Table]) -> pa.Table:
+        """The future's table, waiting in short steps so that a stop is seen within 0.1 s."""
+        while True:
+            self._check_stop()
+            try:
+                return future.result(timeout=0.1)
+            except TimeoutError:
+                continue
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -10,11 +10,16 @@ cut into files.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-__all__ = ["FIELDS", "INPUT", "MAP", "MAPS", "SCHEMA", "Limits"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["FIELDS", "INPUT", "MAP", "MAPS", "SCHEMA", "Limits", "Stopped", "stop_check"]
 
 FIELDS: tuple[str, ...] = (
     "sessionTimestamp", "appVersion", "sessionDuration", "eventOffset", "deviceIdentifiers",
@@ -67,3 +72,28 @@ class Limits:
     file_bytes: int = 64 << 20  # a partition with this many Arrow bytes buffered is written
     row_group_rows: int = 128 * 1024
     parse_workers: int = 2  # blocks parsed at once, each on one thread
+    # The sane range of ``sessionTimestamp`` (ms): a row outside it is bad whatever the window
+    # (2000-01-01 .. 2100-01-01 UTC; Flurry began in 2005).
+    min_session_ms: int = 946_684_800_000
+    max_session_ms: int = 4_102_444_800_000
+
+
+class Stopped(Exception):
+    """The caller asked a decode to stop (its ``stop`` callable or Event said so)."""
+
+
+def stop_check(stop: Callable[[], bool] | threading.Event | None) -> Callable[[], None]:
+    """A callable that raises ``Stopped`` once ``stop`` (a callable or an Event) says so."""
+    if stop is None:
+        return _never
+    asked = stop.is_set if isinstance(stop, threading.Event) else stop
+
+    def check() -> None:
+        if asked():
+            raise Stopped("stopped on request")
+
+    return check
+
+
+def _never() -> None:
+    return None

@@ -61,10 +61,12 @@ def stage(
     start_ms: int,
     end_ms: int,
     source: Path,
+    stop: Callable[[], bool] | threading.Event | None = None,
 ) -> Manifest:
     """Convert ``source`` into staged Parquet files; returns their (unpublished) manifest.
 
-    Raises ``BadDataError`` for a corrupt, hostile or schema-breaking download; nothing
+    Raises ``BadDataError`` for a corrupt, hostile or schema-breaking download (whatever a
+    library raises on it included), and ``decode.Stopped`` soon after ``stop`` is set; nothing
     outside ``_staging/`` (and ``_rejects/``) is touched, and a failed stage leaves no staged
     files.
     """
@@ -77,7 +79,8 @@ def stage(
         quarantine = rejects.add if on_bad_rows == "quarantine" else None
         sink = _PartitionSink(limits, stage_dir, window_id, attempt)
         window = (start_ms, end_ms) if end_ms > start_ms else None
-        rows = _convert(source, limits, where, quarantine, sink, rejects, window)
+        with decode.translate(where):
+            rows = _convert(source, limits, where, quarantine, sink, rejects, window, stop)
         files = _verify_staged(stage_dir, sink.written)
     except BaseException:
         shutil.rmtree(stage_dir, ignore_errors=True)
@@ -103,11 +106,12 @@ def _convert(
     sink: _PartitionSink,
     rejects: _Rejects,
     window: tuple[int, int] | None,
+    stop: Callable[[], bool] | threading.Event | None,
 ) -> int:
     """Pour the rows of ``source`` into ``sink``; returns how many there were."""
     rows = 0
     try:
-        with decode.tables(source, limits, where, quarantine) as batches:
+        with decode.tables(source, limits, where, quarantine, stop) as batches:
             for table in batches:
                 kept = _inside(table, window, quarantine, where)
                 rows += kept.num_rows
@@ -146,6 +150,12 @@ def _inside(
     reason = f"sessionTimestamp {first} lies outside the requested window {span}"
     if quarantine is None:
         raise BadDataError(f"a row's {reason}", **where)
+    # Timestamps as integers: a datetime may not hold every value a row can carry.
+    stamps_as_ints = [f.name for f in SCHEMA if pa.types.is_timestamp(f.type)]
+    for name in stamps_as_ints:
+        bad = bad.set_column(
+            bad.schema.get_field_index(name), name, bad.column(name).cast(pa.int64())
+        )
     for row in bad.to_pylist():
         stamp = row["sessionTimestamp"]
         quarantine(0, json.dumps(row, default=str), f"sessionTimestamp {stamp} outside {span}")
