@@ -4,6 +4,7 @@ The class decides what happens next, never the message text::
 
     BackfillError
     ├── ConfigError                  bad configuration or usage: nothing starts (exit 2)
+    ├── Stopped                      the work was asked to stop at once: nothing of it is kept
     ├── FatalError                   stop the whole run
     │   ├── AuthError                the API refused the token (exit 3)
     │   ├── StorageError             the output cannot be written (disk full): free space, re-run
@@ -57,6 +58,7 @@ __all__ = [
     "ShrinkError",
     "StaleAttemptError",
     "StorageError",
+    "Stopped",
     "TooLargeError",
     "TransportError",
     "WindowError",
@@ -78,6 +80,10 @@ class BackfillError(Exception):
 
 class ConfigError(BackfillError):
     """Configuration or usage is wrong; the message names the file, key, value and expectation."""
+
+
+class Stopped(BackfillError):
+    """Work asked to stop at once (a second Ctrl-C, or a stop Event) gave up; nothing is kept."""
 
 
 class FatalError(BackfillError):

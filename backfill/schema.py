@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from backfill.errors import Stopped
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -76,10 +78,6 @@ class Limits:
     # (2000-01-01 .. 2100-01-01 UTC; Flurry began in 2005).
     min_session_ms: int = 946_684_800_000
     max_session_ms: int = 4_102_444_800_000
-
-
-class Stopped(Exception):
-    """The caller asked a decode to stop (its ``stop`` callable or Event said so)."""
 
 
 def stop_check(stop: Callable[[], bool] | threading.Event | None) -> Callable[[], None]:

@@ -38,6 +38,7 @@ from backfill.models import iso
 from backfill.schema import Limits
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Iterable
     from pathlib import Path
 
@@ -79,8 +80,10 @@ class LocalStore:
         *,
         limits: Limits | None = None,
         on_bad_rows: Literal["fail", "quarantine"] = "fail",
+        stop: threading.Event | None = None,
     ) -> None:
         self.root = root
+        self.stop = stop  # set: a conversion under way gives up soon (``Stopped``)
         self.limits = limits or Limits()
         self.on_bad_rows = on_bad_rows
         self.layout = Layout(root=root)
@@ -118,6 +121,7 @@ class LocalStore:
             start_ms=start_ms,
             end_ms=end_ms,
             source=source,
+            stop=self.stop,
         )
 
     def publish(self, manifest: Manifest) -> Path:

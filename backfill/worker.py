@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 
 from backfill import commit, lifecycle, planner
-from backfill.errors import AuthError, FatalError, StaleAttemptError, WindowError
+from backfill.errors import AuthError, FatalError, StaleAttemptError, Stopped, WindowError
 from backfill.events import WindowEvent
 from backfill.lifecycle import Effect, Event, Outcome, Progress
 from backfill.logs import scrub
@@ -241,6 +241,8 @@ class Worker:
             turn.error = exc
             return _outcome_of(exc, after=Effect.SUBMIT if effect is Effect.RESUBMIT
                                         else effect)  # fmt: skip
+        except Stopped:  # a conversion gave up at once (a second signal): left as it was
+            return Outcome(event=Event.STOPPING)
         except FatalError:  # the disk, the ledger: no window can go on
             raise
         except Exception as exc:  # a bug or a surprise: this window fails, the run goes on

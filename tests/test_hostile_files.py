@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -221,3 +222,26 @@ def test_convert_exits_4_with_the_message(
     assert kept.returncode == 0, kept.stderr
     assert "converted 5 rows" in kept.stdout and "1 rows set aside" in kept.stdout
     assert len(list((tmp_path / "out").rglob("*.parquet"))) == 1
+
+
+def test_ctrl_c_during_convert_of_a_bomb_exits_130_within_seconds_keeping_nothing(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "bomb.gz"
+    _bomb(source, 21.0, GOOD)  # ~22 MB of gzip: about 12 s of inflating before the budget
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "backfill.cli", "convert", str(source), "--app", "quest",
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out / "_staging").exists() and time.monotonic() < deadline:  # converting now
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    began = time.monotonic()
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130, err
+    assert time.monotonic() - began < 5, "the conversion gave up within seconds"
+    assert "interrupted" in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if p.is_file()], "nothing kept"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -148,12 +149,15 @@ async def drive(
         ):
             await recorded.check(ledger, apps, refreshing=refreshing)
             await recorded.record(ledger, [a for a in apps if a.name != refreshing])
-            store = LocalStore(settings.output.root, on_bad_rows=settings.output.on_bad_rows)
+            halt = threading.Event()  # the second signal: conversions under way give up too
+            store = LocalStore(
+                settings.output.root, on_bad_rows=settings.output.on_bad_rows, stop=halt
+            )
             engine = Engine(
                 settings=settings, ledger=ledger, store=store, api=api, accept_shrink=accept_shrink
             )
             start, end = await prepare(engine)
-            summary = await _run_with_signals(engine, apps, quiet, interval)
+            summary = await _run_with_signals(engine, apps, quiet, interval, halt)
             if summary.fatal is None and not summary.interrupted:
                 standing = await outcome_of_range(ledger, [a.name for a in apps], start, end)
                 summary.exit_code = BY_STANDING[standing]
@@ -164,7 +168,11 @@ async def drive(
 
 
 async def _run_with_signals(
-    engine: Engine, apps: list[AppSettings], quiet: bool, interval: float = 10.0
+    engine: Engine,
+    apps: list[AppSettings],
+    quiet: bool,
+    interval: float = 10.0,
+    halt: threading.Event | None = None,
 ) -> Summary:
     """Run the engine; the first SIGINT/SIGTERM drains gently, the second stops at once."""
     log = logs.get("cli")
@@ -182,6 +190,8 @@ async def _run_with_signals(
                     engine.stop()
                 else:
                     log.warning("run.stop.now", signal=signal.Signals(signum).name)
+                    if halt is not None:
+                        halt.set()
                     scope.cancel()
 
     async def progress() -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Literal
 
 import anyio
 
 from backfill.cli import session
-from backfill.cli.exits import EXIT_FAILED_WINDOWS, EXIT_OK, EXIT_USAGE
+from backfill.cli.exits import EXIT_FAILED_WINDOWS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from backfill.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,23 +37,40 @@ async def convert(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     import anyio.to_thread
 
     from backfill.cli import landing
-    from backfill.errors import BadDataError
+    from backfill.errors import BadDataError, Stopped
     from backfill.store import LocalStore
 
     if not args.file.is_file():
         print(f"backfill: error: {args.file}: no such file", file=sys.stderr)
         return EXIT_USAGE
     root, ledger_path, on_bad_rows = _target(args)
-    store = LocalStore(root, on_bad_rows=on_bad_rows)
-    try:
-        if ledger_path is not None:
-            print(await landing.convert(args, store, ledger_path))
-        else:
-            print(await anyio.to_thread.run_sync(_convert, args, store))
-    except BadDataError as exc:
-        print(f"backfill: error: {args.file}: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED_WINDOWS
-    return EXIT_OK
+    stop = threading.Event()  # set by Ctrl-C: the conversion gives up within a block's work
+    store = LocalStore(root, on_bad_rows=on_bad_rows, stop=stop)
+    codes: list[int] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(_stop_on_signal, stop)
+        try:
+            if ledger_path is not None:
+                print(await landing.convert(args, store, ledger_path))
+            else:
+                print(await anyio.to_thread.run_sync(_convert, args, store))
+            codes.append(EXIT_OK)
+        except BadDataError as exc:
+            print(f"backfill: error: {args.file}: {exc.message}", file=sys.stderr)
+            codes.append(EXIT_FAILED_WINDOWS)
+        except Stopped:
+            print(f"backfill: interrupted: nothing of {args.file} was kept", file=sys.stderr)
+            codes.append(EXIT_INTERRUPTED)
+        finally:
+            group.cancel_scope.cancel()
+    return codes[0]
+
+
+async def _stop_on_signal(stop: threading.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+            return
 
 
 def _target(args: argparse.Namespace) -> tuple[Path, Path | None, Literal["fail", "quarantine"]]:
