@@ -145,7 +145,7 @@ def _bomb(path: Path, gigabytes: float, head: bytes = b"") -> int:
 
 _CHILD = textwrap.dedent(
     """
-    import resource, sys, time
+    import sys, time
     from pathlib import Path
     from backfill.errors import BadDataError
     from backfill.store import LocalStore
@@ -156,7 +156,9 @@ _CHILD = textwrap.dedent(
         outcome = "staged"
     except BadDataError as exc:
         outcome = exc.message
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's size across exec.
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) // 1024
     print(f"{peak} {time.monotonic() - began:.1f} {outcome}")
     """
 )
