@@ -111,7 +111,7 @@ async def test_failed_windows_exit_4_and_exhausted_retries_exit_75(
 @pytest.mark.timeout(120)
 async def test_sigint_drains_exits_130_and_the_next_run_resumes(tmp_path: Path) -> None:
     async with simulator_process(sim_settings(latency_base_s=3.0), tmp_path) as (base, calls):
-        config = str(write_config(tmp_path, base, history_days=30))
+        config = str(write_config(tmp_path, base, history_days=30, lookback_days=0))
         command = [sys.executable, "-m", "backfill.cli", "run", "--config", config, "--quiet"]
         async with await anyio.open_process(command, cwd=ROOT, env=ENV) as process:
             with anyio.fail_after(60):  # however slow the machine: interrupt once requests are out
