@@ -209,3 +209,46 @@ async def test_a_hostile_server_fails_the_attacked_windows_and_leaks_no_secret(
         got, out, err = await _cli("retry", "--config", config, "--quiet")
         assert got == 0, (out, err)
         assert {s for _, s, _ in _ledger(tmp_path)} == {"COMMITTED"}
+
+
+_DOWNLOADER = """
+import sys, anyio
+from pathlib import Path
+from backfill.client import FlurryClient, Secret
+from backfill.errors import BadDataError
+from backfill.models import Window
+
+async def main() -> None:
+    window = Window(app="small", start=int(sys.argv[3]), end=int(sys.argv[4]))
+    async with FlurryClient(base_url="http://unused.invalid", token=Secret("t" * 8),
+                            max_download_bytes=256 << 20) as api:
+        try:
+            await api.download(sys.argv[1], Path(sys.argv[2]), window=window, request_id="1")
+            print("downloaded")
+        except BadDataError as exc:
+            print(exc.message)
+
+anyio.run(main)
+status = Path("/proc/self/status").read_text()
+print(int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) // 1024)
+"""
+
+
+async def test_an_endless_download_ends_at_its_cap_in_bounded_memory(tmp_path: Path) -> None:
+    async with (
+        serve(VICTIM.api_key, "endless-download") as hostile,
+        FlurryClient(base_url=hostile.base, token=Secret(TOKEN)) as api,
+    ):
+        request_id = await api.submit(WINDOW, api_key=VICTIM.api_key)
+        ready = await api.status(request_id, window=WINDOW)
+        url = getattr(ready, "url", "")
+        began = time.monotonic()
+        done = await anyio.run_process(
+            [sys.executable, "-c", _DOWNLOADER, url, str(tmp_path / "26.gz"),
+             str(WINDOW.start), str(WINDOW.end)], cwd=ROOT, check=False,
+        )  # fmt: skip
+        seconds = time.monotonic() - began
+    outcome, peak = done.stdout.decode().splitlines()[-2:]
+    assert "compressed-size limit" in outcome, done.stderr.decode()[-500:]
+    assert int(peak) < 512, f"peak RSS {peak} MB for a 256 MiB cap"
+    assert seconds < 60 and not (tmp_path / "26.gz").exists()
