@@ -205,9 +205,18 @@ def _overlaps(records: Iterable[WindowRecord], what: str) -> list[Problem]:
 
 
 async def outcome_of_range(
-    ledger: LedgerPort, apps: Iterable[str], start: int | None = None, end: int | None = None
+    ledger: LedgerPort,
+    apps: Iterable[str],
+    start: int | None = None,
+    end: int | None = None,
+    *,
+    heal_runs: int | None = None,
 ) -> Literal["done", "failed", "retryable", "unfinished"]:
-    """How the windows of ``apps`` (in ``[start, end)`` if given) stand after a run."""
+    """How the windows of ``apps`` (in ``[start, end)`` if given) stand after a run.
+
+    A FAILED window that is not retryable, or that failed ``heal_runs`` times already (no run
+    takes it back on its own any more), is "failed": it needs a person.
+    """
     records = await ledger.windows(apps=list(apps))
     live = [
         r
@@ -216,7 +225,11 @@ async def outcome_of_range(
         and (start is None or r.window.end > start)
         and (end is None or r.window.start < end)
     ]
-    if any(r.state is WindowState.FAILED and not r.retryable for r in live):
+
+    def stuck(r: WindowRecord) -> bool:
+        return not r.retryable or (heal_runs is not None and r.failures >= heal_runs)
+
+    if any(r.state is WindowState.FAILED and stuck(r) for r in live):
         return "failed"
     if any(r.state is WindowState.FAILED for r in live):
         return "retryable"

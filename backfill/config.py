@@ -80,6 +80,7 @@ class WindowSettings:
     history_days: int = HORIZON_DAYS
     lag_hours: int = 24
     lookback_days: int = 3
+    heal_runs: int = 3  # run and sync take a retryable FAILED window back this many times
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +210,7 @@ def _check_windows(windows: WindowSettings, source: str) -> tuple[WindowSettings
     at_least(source, "windows.history_days", windows.history_days, 1)
     at_least(source, "windows.lag_hours", windows.lag_hours, 0)
     at_least(source, "windows.lookback_days", windows.lookback_days, 0, 30)
+    at_least(source, "windows.heal_runs", windows.heal_runs, 0)
     try:
         zoneinfo.ZoneInfo(windows.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:

@@ -26,6 +26,7 @@ from backfill.events import AppTally, Summary, Tallies, WindowEvent, log_events
 from backfill.models import DAY_MS, UNFINISHED, WindowState
 from backfill.policy import Estimator
 from backfill.pool import run_pool
+from backfill.requeue import Requeue
 from backfill.sizing import Sizes
 from backfill.worker import Context, Worker
 
@@ -41,7 +42,7 @@ __all__ = ["AppTally", "Engine", "Summary"]
 S = WindowState
 
 
-class Engine:
+class Engine(Requeue):
     """Runs windows for a set of apps against one ledger, output store and API."""
 
     def __init__(
@@ -139,41 +140,6 @@ class Engine:
                     )
                     added += len(new)
         return added
-
-    async def prepare_sync(self, apps: Iterable[AppSettings]) -> None:
-        """The nightly pull: late data, then every gap up to now.
-
-        For each app, the committed windows of the last ``lookback_days`` before its newest
-        committed end go back to be pulled again (their files stay live until the new rows
-        replace them), whatever failed elsewhere; then every part of the full range that no
-        window covers is planned.
-        """
-        full_start, full_end = self.full_range()
-        for app in apps:
-            newest = await self.ledger.newest_committed_end(app.name)
-            if newest is not None:
-                lookback = self.settings.windows.lookback_days
-                start = max(full_start, planner.incremental_start(newest, lookback, self.tz))
-                await self.requeue_committed(app, start, newest)
-            await self.plan([app], full_start, full_end)
-
-    async def requeue_committed(self, app: AppSettings, start: int, end: int) -> int:
-        """Send the committed windows of ``app`` overlapping ``[start, end)`` to be pulled again."""
-        count = 0
-        for record in await self.ledger.windows(apps=[app.name], states=[S.COMMITTED]):
-            if record.window.end > start and record.window.start < end:
-                await self.ledger.retry(
-                    record, error_class=None, error_message="re-pulled for late data"
-                )
-                count += 1
-        return count
-
-    async def requeue_failed(self, apps: Iterable[AppSettings]) -> int:
-        """Send the FAILED windows of ``apps`` back to PENDING (the ``retry`` command)."""
-        failed = await self.ledger.windows(apps=[a.name for a in apps], states=[S.FAILED])
-        for record in failed:
-            await self.ledger.retry(record)
-        return len(failed)
 
     # -- the run -----------------------------------------------------------------------------
 

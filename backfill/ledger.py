@@ -202,6 +202,8 @@ class Ledger(AppFacts):
             updates = updates | {"committed_attempt": attempt}
         now = self._now()
         sets = "".join(f", {name} = ?" for name in updates)
+        if target is WindowState.FAILED:
+            sets += ", failures = failures + 1"
         sql = (
             f"UPDATE windows SET state = ?, attempt = ?, updated_at = ?{sets} "
             "WHERE id = ? AND attempt = ? AND state = ?"

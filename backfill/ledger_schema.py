@@ -3,7 +3,8 @@
 Theory of operation.  ``MIGRATIONS[n]`` takes a ledger from ``PRAGMA user_version`` n to n + 1;
 ``Ledger.open`` runs the ones a file lacks, each in one transaction.  Version 2 adds replacement
 by range (``windows.replaces``) and the settings each app's rows were pulled with
-(``app_settings``).  The SQL is plain enough to port to PostgreSQL.
+(``app_settings``); version 3 counts the failures of each window.  The SQL is plain enough to
+port to PostgreSQL.
 """
 
 from __future__ import annotations
@@ -62,12 +63,16 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at   INTEGER NOT NULL
     );
     """,
+    # 3: how many times each window has failed, so later runs take it back a bounded number.
+    """
+    ALTER TABLE windows ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 COLUMNS = (
     "id, app, start_ms, end_ms, state, attempt, parent_id, request_id, submitted_at, ready_at, "
     "error_class, error_message, retryable, rows, bytes, manifest, committed_attempt, "
-    "created_at, updated_at, replaces"
+    "created_at, updated_at, replaces, failures"
 )
 # The columns a move may set: the typed ``Changes``, and what a commit sets itself.  They are
 # interpolated into SQL, so the ledger checks every name against this set.
@@ -105,6 +110,7 @@ def record_of(row: sqlite3.Row) -> WindowRecord:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         replaces=row["replaces"],
+        failures=row["failures"],
     )
 
 

@@ -123,6 +123,7 @@ class WindowRecord:
     created_at: int = 0
     updated_at: int = 0
     replaces: int | None = None  # the committed window whose range this one re-pulls, if split
+    failures: int = 0  # times this window was moved to FAILED
 
 
 class Changes(TypedDict, total=False):

@@ -217,3 +217,29 @@ async def test_progress_lines_off_a_terminal_count_windows_per_app(tmp_path: Pat
         and "processing" in last
     )
     assert all("/" in v for v in last["windows"].values())
+
+
+async def test_a_failed_night_heals_on_the_next_and_stops_healing_after_heal_runs(
+    tmp_path: Path,
+) -> None:
+    fast = "backoff_base_s = 0.01\nmax_attempts = 1"
+    dead = "http://127.0.0.1:9/pulse/v1"  # nothing listens there: every call is refused
+    config = str(write_config(tmp_path, dead, history_days=5, extra_api=fast))
+    code, _, _ = await cli("sync", "--config", config, "--quiet")
+    assert code == 75, "a failed night is transient: safe to re-run"
+    ledger = sqlite3.connect(tmp_path / "out" / "_ledger.sqlite")
+    failed = ledger.execute("SELECT count(*) FROM windows WHERE state = 'FAILED'").fetchone()[0]
+    assert failed > 0
+    async with simulator_process(sim_settings(), tmp_path) as (base, _):
+        write_config(tmp_path, base, history_days=5, extra_api=fast)
+        code, _, err = await cli("sync", "--config", config, "--quiet")
+    assert code == 0, err
+    assert f"taking back {failed} failed window" in err
+    states = {s for (s,) in ledger.execute("SELECT state FROM windows WHERE state != 'SPLIT'")}
+    assert states == {"COMMITTED"}
+    # A window that keeps failing is taken back heal_runs times, then waits for a person.
+    ledger.execute("UPDATE windows SET state = 'FAILED', retryable = 1, failures = 3 WHERE id = 1")
+    ledger.commit()
+    code, _, err = await cli("sync", "--config", config, "--quiet")
+    assert code == 4 and "taking back" not in err, "after 3 failed runs it stays FAILED"
+    ledger.close()

@@ -48,9 +48,16 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         for note in notes:
             print(f"backfill: warning: {note}", file=sys.stderr)
         await engine.plan(apps, start, end)
+        _took_back(await engine.requeue_failed(apps, start, end, heal=True))
         return start, end
 
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
+
+
+def _took_back(count: int) -> None:
+    if count:
+        print(f"taking back {count} failed window{'s' * (count != 1)} (retryable; a failed "
+              "night heals on the next one)", file=sys.stderr)  # fmt: skip
 
 
 async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -59,6 +66,7 @@ async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     async def prepare(engine: Engine) -> tuple[int | None, int | None]:
         await engine.prepare_sync(apps)
+        _took_back(await engine.requeue_failed(apps, heal=True))
         return None, None
 
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
@@ -159,7 +167,10 @@ async def drive(
             start, end = await prepare(engine)
             summary = await _run_with_signals(engine, apps, quiet, interval, halt)
             if summary.fatal is None and not summary.interrupted:
-                standing = await outcome_of_range(ledger, [a.name for a in apps], start, end)
+                standing = await outcome_of_range(
+                    ledger, [a.name for a in apps], start, end,
+                    heal_runs=settings.windows.heal_runs,
+                )  # fmt: skip
                 summary.exit_code = BY_STANDING[standing]
             _print_summary(summary)
             if finished is not None and summary.exit_code == EXIT_OK:
