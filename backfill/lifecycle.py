@@ -259,11 +259,12 @@ def _restart(
 def _failure(
     state: WindowState, o: Outcome, p: Progress, policy: Policy, rng: random.Random
 ) -> Step:
-    """Flurry's Failure: submitted again ``failure_resubmits`` times, as its docs advise."""
+    """Flurry's Failure: submitted again ``failure_resubmits`` times, as its docs advise; then
+    a person decides (no run takes it back on its own; ``backfill retry`` does)."""
     seen = dataclasses.replace(p, failures=p.failures + 1)
     if seen.failures > policy.failure_resubmits:
         reason = f"Flurry reported Failure {seen.failures} times; escalate to Flurry"
-        return _step(S.FAILED, Effect.FAIL, seen, retryable=True, reason=reason)
+        return _step(S.FAILED, Effect.FAIL, seen, retryable=False, reason=reason)
     delay = policy.backoff(p.resubmits, rng)
     again = dataclasses.replace(seen, resubmits=p.resubmits + 1, step_retries=0)
     return _step(S.PENDING, Effect.RESUBMIT, again, delay_s=delay, reason="Flurry reported Failure")

@@ -106,7 +106,7 @@ def test_the_table_has_a_rule_for_exactly_the_expected_pairs() -> None:
         (S.SUBMITTED, E.PROCESSING, Progress(elapsed_s=7 * 3600), F.RESUBMIT, False),
         (S.SUBMITTED, E.PROCESSING, Progress(elapsed_s=7 * 3600, resubmits=3), F.FAIL, True),
         (S.SUBMITTED, E.FAILED, Progress(failures=0), F.RESUBMIT, False),
-        (S.SUBMITTED, E.FAILED, Progress(failures=1), F.FAIL, True),
+        (S.SUBMITTED, E.FAILED, Progress(failures=1), F.FAIL, False),  # a person decides
         (S.SUBMITTED, E.SERVER_ERROR, Progress(step_retries=2), F.POLL, False),
         (S.SUBMITTED, E.SERVER_ERROR, Progress(step_retries=8), F.FAIL, True),
         (S.PENDING, E.TRANSPORT_ERROR, Progress(step_retries=8), F.FAIL, True),

@@ -101,14 +101,14 @@ async def test_a_window_planned_before_its_size_was_learned_is_cut_without_a_cal
     assert run.api.calls.submit == 5 and summary.split == 1
 
 
-async def test_flurry_failure_is_submitted_again_once_then_fails_retryably(run: Run) -> None:
+async def test_flurry_failure_is_submitted_again_once_then_waits_for_a_person(run: Run) -> None:
     from backfill.errors import RequestFailedError
 
     run.api.polls[START, START + 30 * DAY] = [RequestFailedError("Failure")]
     await run.plan(30)
     summary = await run.go()
     (record,) = await run.ledger.windows()
-    assert record.state is S.FAILED and record.retryable and record.attempt == 1
+    assert record.state is S.FAILED and not record.retryable and record.attempt == 1
     assert "Failure 2 times" in (record.error_message or "")
     assert record.error_class == "RequestFailedError"
     assert run.api.calls.submit == 2 and summary.failed == 1
