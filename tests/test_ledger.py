@@ -39,7 +39,7 @@ async def test_opening_creates_the_schema_in_wal_mode(tmp_path: Path) -> None:
     await ledger.close()
     db = sqlite3.connect(tmp_path / "ledger.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2  # migrations 1 and 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3  # migrations 1, 2 and 3
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()
