@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio.to_thread
 
-from backfill import logs
-from backfill.models import UNFINISHED, WindowState, iso
+from backfill import calendar, logs
+from backfill.calendar import Day
+from backfill.models import DAY_MS, UNFINISHED, WindowState
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AppCoverage",
     "AppStatus",
+    "Failure",
     "Problem",
     "coverage",
     "outcome_of_range",
@@ -28,8 +31,33 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Failure:
+    """One FAILED window of ``backfill status``: its range, its last error, whether it waits."""
+
+    window: str
+    error: str
+    retryable: bool
+    failures: int  # times it was moved to FAILED
+    needs_person: bool  # not retryable, or failed ``heal_runs`` times: no run takes it back
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "error": self.error,
+            "retryable": self.retryable,
+            "failures": self.failures,
+            "needs_person": self.needs_person,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AppStatus:
-    """One app's line of ``backfill status``."""
+    """One app in ``backfill status``: its windows, and its days as the calendar shows them.
+
+    ``days`` holds every UTC day of the app's planned span (the first planned window's start
+    to the last one's end) with its ``calendar.Day``; ``gaps`` are the stretches of those days
+    without committed rows, inclusive ``(first, last)`` ISO days.
+    """
 
     app: str
     committed: int
@@ -38,12 +66,23 @@ class AppStatus:
     split: int
     rows: int
     bytes: int
-    first_day: str | None
-    last_day: str | None  # the last day covered (the end is exclusive)
-    gaps: tuple[tuple[str, str], ...]
-    errors: tuple[tuple[str, str], ...]  # (window, last error) of each FAILED window
+    first_day: str | None  # the first day with committed rows
+    last_day: str | None  # the last day with committed rows
+    days: dict[dt.date, Day] = field(default_factory=dict)
+    gaps: tuple[tuple[str, str], ...] = ()
+    failures: tuple[Failure, ...] = ()
+
+    @property
+    def committed_days(self) -> int:
+        return sum(1 for s in self.days.values() if s is Day.COMMITTED)
+
+    @property
+    def span(self) -> tuple[str, str] | None:
+        """The first and last day of the planned span, if anything is planned."""
+        return (min(self.days).isoformat(), max(self.days).isoformat()) if self.days else None
 
     def to_json(self) -> dict[str, Any]:
+        span = self.span
         return {
             "app": self.app,
             "windows": {
@@ -56,9 +95,18 @@ class AppStatus:
             "bytes": self.bytes,
             "first_day": self.first_day,
             "last_day": self.last_day,
-            "gaps": [{"start": a, "end": b} for a, b in self.gaps],
-            "failures": [{"window": w, "error": e} for w, e in self.errors],
+            "span": {"first": span[0], "last": span[1], "days": len(self.days)} if span else None,
+            "committed_days": self.committed_days,
+            "calendar": [{"month": m, "days": cells} for m, cells in calendar.months(self.days)],
+            "gaps": [
+                {"first": a, "last": b, "days": (_day(b) - _day(a)).days + 1} for a, b in self.gaps
+            ],
+            "failures": [f.to_json() for f in self.failures],
         }
+
+
+def _day(text: str) -> dt.date:
+    return dt.date.fromisoformat(text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,11 +119,26 @@ class AppCoverage:
     bytes: int = 0
     first_ms: int | None = None  # start of the earliest committed window
     last_ms: int | None = None  # end of the latest committed window
-    gaps: tuple[tuple[int, int], ...] = ()  # planned ranges not committed, merged
+    gaps: tuple[tuple[int, int], ...] = ()  # stretches of the span without committed rows
+    days: dict[dt.date, Day] = field(default_factory=dict)  # every day of the planned span
+
+
+def _day_of_record(record: WindowRecord) -> Day | None:
+    """How a window colours the days it holds: live files first, then its state."""
+    if record.committed_attempt is not None:
+        return Day.COMMITTED
+    if record.state is WindowState.FAILED:
+        return Day.FAILED
+    return Day.PENDING if record.state in UNFINISHED else None
 
 
 def coverage(records: Iterable[WindowRecord]) -> list[AppCoverage]:
-    """Per app: windows by state, rows and bytes landed, committed span and the gaps."""
+    """Per app: windows by state, rows and bytes landed, committed span, its days and gaps.
+
+    A window whose files are live (``committed_attempt`` set, whatever its state) makes its
+    days committed; the gaps are the days of the planned span that are not, in epoch ms
+    (clipped to the span).
+    """
     by_app: dict[str, list[WindowRecord]] = {}
     for record in records:
         by_app.setdefault(record.window.app, []).append(record)
@@ -84,15 +147,12 @@ def coverage(records: Iterable[WindowRecord]) -> list[AppCoverage]:
         states: dict[str, int] = {}
         for r in group:
             states[r.state] = states.get(r.state, 0) + 1
-        leaves = [r for r in group if r.state is not WindowState.SPLIT]
-        done = [r for r in leaves if r.committed_attempt is not None]
-        holes: list[tuple[int, int]] = []
-        for r in leaves:
-            if r.committed_attempt is None:
-                if holes and holes[-1][1] == r.window.start:
-                    holes[-1] = (holes[-1][0], r.window.end)
-                else:
-                    holes.append((r.window.start, r.window.end))
+        done = [r for r in group if r.committed_attempt is not None]
+        lo = min(r.window.start for r in group)
+        hi = max(r.window.end for r in group)
+        coloured = [(r.window.start, r.window.end, _day_of_record(r)) for r in group]
+        days = calendar.day_states([(a, b, d) for a, b, d in coloured if d], lo, hi)
+        holes = calendar.runs(days, lambda d: d is not Day.COMMITTED)
         result.append(
             AppCoverage(
                 app=app,
@@ -101,42 +161,64 @@ def coverage(records: Iterable[WindowRecord]) -> list[AppCoverage]:
                 bytes=sum(r.bytes or 0 for r in done),
                 first_ms=min((r.window.start for r in done), default=None),
                 last_ms=max((r.window.end for r in done), default=None),
-                gaps=tuple(holes),
+                gaps=tuple(
+                    (max(lo, calendar.day_ms(a)), min(hi, calendar.day_ms(b) + DAY_MS))
+                    for a, b in holes
+                ),
+                days=days,
             )
         )
     return result
 
 
-async def status(ledger: LedgerPort, apps: Iterable[str]) -> list[AppStatus]:
-    """Per app: windows by state, rows and bytes landed, the days covered, gaps and failures."""
+async def status(
+    ledger: LedgerPort, apps: Iterable[str], *, heal_runs: int | None = None
+) -> list[AppStatus]:
+    """Per app: windows by state, rows and bytes landed, its days, gaps and failures.
+
+    A FAILED window needs a person when it is not retryable or failed ``heal_runs`` times
+    (when given): no ``run`` or ``sync`` takes it back on its own.
+    """
     names = list(apps)
     covered = {c.app: c for c in coverage(await ledger.windows(apps=names))}
     failed = await ledger.windows(apps=names, states=[WindowState.FAILED])
     out = []
     for name in names:
-        c = covered.get(name)
-        states = c.states if c else {}
-        unfinished = sum(n for s, n in states.items() if s not in ("COMMITTED", "FAILED", "SPLIT"))
+        c = covered.get(name) or AppCoverage(app=name)
+        unfinished = sum(n for s, n in c.states.items() if s in UNFINISHED)
+        with_rows = [d for d, s in c.days.items() if s is Day.COMMITTED]
         out.append(
             AppStatus(
                 app=name,
-                committed=states.get("COMMITTED", 0),
-                failed=states.get("FAILED", 0),
+                committed=c.states.get("COMMITTED", 0),
+                failed=c.states.get("FAILED", 0),
                 pending=unfinished,
-                split=states.get("SPLIT", 0),
-                rows=c.rows if c else 0,
-                bytes=c.bytes if c else 0,
-                first_day=iso(c.first_ms)[:10] if c and c.first_ms is not None else None,
-                last_day=iso(c.last_ms - 1)[:10] if c and c.last_ms is not None else None,
-                gaps=tuple((iso(a), iso(b)) for a, b in c.gaps) if c else (),
-                errors=tuple(
-                    (r.window.label, logs.scrub(r.error_message or r.error_class or "?"))
-                    for r in failed
-                    if r.window.app == name
-                ),  # fmt: skip
+                split=c.states.get("SPLIT", 0),
+                rows=c.rows,
+                bytes=c.bytes,
+                first_day=min(with_rows).isoformat() if with_rows else None,
+                last_day=max(with_rows).isoformat() if with_rows else None,
+                days=c.days,
+                gaps=tuple(
+                    (calendar.day_of(a).isoformat(), calendar.day_of(b - 1).isoformat())
+                    for a, b in c.gaps
+                ),
+                failures=tuple(_failure(r, heal_runs) for r in failed if r.window.app == name),
             )
         )
     return out
+
+
+def _failure(record: WindowRecord, heal_runs: int | None) -> Failure:
+    retryable = bool(record.retryable)
+    worn = heal_runs is not None and record.failures >= heal_runs
+    return Failure(
+        window=record.window.label,
+        error=logs.scrub(record.error_message or record.error_class or "?"),
+        retryable=retryable,
+        failures=record.failures,
+        needs_person=not retryable or worn,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,8 +12,9 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from backfill.calendar import LEGEND, render
 from backfill.cli import session
-from backfill.cli.exits import EXIT_INTEGRITY, EXIT_OK
+from backfill.cli.exits import EXIT_FAILED_WINDOWS, EXIT_INTEGRITY, EXIT_OK
 from backfill.errors import ConfigError
 from backfill.models import WindowState, iso
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Mapping, Sequence
 
-    from backfill.audit import AppStatus
+    from backfill.audit import AppStatus, Failure
     from backfill.config import AppSettings, Settings
     from backfill.ledger import Ledger
 
@@ -125,7 +126,10 @@ async def _plan_rows(
 
 
 async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """``backfill status``: coverage per app, as a table or ``--json``."""
+    """``backfill status``: coverage per app, as text with a calendar or ``--json``.
+
+    With ``--check``, exit 4 when a FAILED window needs a person, else 0; without, always 0.
+    """
     from backfill import audit
 
     settings = session.load(args, env)
@@ -135,33 +139,90 @@ async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         report: list[AppStatus] = []
     else:
         async with session.open_ledger(settings) as ledger:
-            report = await audit.status(ledger, [a.name for a in apps])
+            names = [a.name for a in apps]
+            report = await audit.status(ledger, names, heal_runs=settings.windows.heal_runs)
     if args.json:
         print(json.dumps([r.to_json() for r in report], indent=1))
-        return EXIT_OK
-    print_status(report)
+    else:
+        print_status(report, limit=None if args.all else _LIMIT)
+    stuck = sum(1 for r in report for f in r.failures if f.needs_person)
+    if args.check and stuck:
+        print(
+            f"backfill: {stuck} FAILED window{'s need' if stuck != 1 else ' needs'} a person: "
+            "fix the cause, then `backfill retry`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_WINDOWS
     return EXIT_OK
 
 
-def print_status(report: Sequence[AppStatus]) -> None:
-    """The status table (``status`` and ``demo``): one line per app, then its gaps and errors."""
+_LIMIT = 10  # entries of a list ``status`` shows without --all
+
+
+def print_status(report: Sequence[AppStatus], *, limit: int | None = _LIMIT) -> None:
+    """The status text (``status`` and ``demo``): a table, then per app its calendar, gaps and
+    failures, each list cut at ``limit`` entries with how many more (``None``: all)."""
     if not report:
         print("nothing in the ledger yet: run `backfill run` first")
         return
     print(
         f"{'app':18} {'committed':>9} {'failed':>6} {'pending':>7} {'split':>5} "
-        f"{'rows':>12} {'bytes':>14}  days covered"
+        f"{'rows':>12} {'bytes':>14}  days with rows"
     )
     for r in report:
-        span = f"{r.first_day} .. {r.last_day}" if r.first_day else "-"
         print(
             f"{r.app:18} {r.committed:>9} {r.failed:>6} {r.pending:>7} {r.split:>5} "
-            f"{r.rows:>12,} {r.bytes:>14,}  {span}"
+            f"{r.rows:>12,} {r.bytes:>14,}  {r.committed_days} of {len(r.days)}"
         )
-        for a, b in r.gaps[:5]:
-            print(f"{'':18} gap: {a} .. {b}")
-        for window, error in r.errors[:5]:
-            print(f"{'':18} failed {window}: {error}")
+    for r in report:
+        print()
+        _print_app(r, limit)
+    print(f"\n{LEGEND}")
+
+
+def _print_app(r: AppStatus, limit: int | None) -> None:
+    """One app's calendar, gaps and failures."""
+    if r.span is None:
+        print(f"{r.app}: nothing planned yet")
+        return
+    first, last = r.span
+    print(f"{r.app}: {r.committed_days} of {len(r.days)} days have rows ({first} .. {last})")
+    for line in render(r.days, indent="  "):
+        print(line)
+    gaps = [
+        f"{a} .. {b} ({(_date(b) - _date(a)).days + 1} days)" if a != b else f"{a} (1 day)"
+        for a, b in r.gaps
+    ]
+    missing = len(r.days) - r.committed_days
+    if gaps:
+        print(f"  gaps: {missing} day{'s' * (missing != 1)} without rows, in {len(gaps)} stretch"
+              f"{'es' * (len(gaps) != 1)}")  # fmt: skip
+        _print_list(gaps, limit)
+    if r.failures:
+        stuck = sum(1 for f in r.failures if f.needs_person)
+        print(f"  failed windows: {len(r.failures)}, {stuck} of them need{'s' * (stuck == 1)} "
+              "a person")  # fmt: skip
+        _print_list([_failure_line(f) for f in r.failures], limit)
+
+
+def _failure_line(f: Failure) -> str:
+    times = f"failed {f.failures} time{'s' * (f.failures != 1)}"
+    if f.needs_person:
+        why = "not retryable" if not f.retryable else times
+        return f"{f.window}: {f.error}  [needs a person: {why}; `backfill retry`]"
+    return f"{f.window}: {f.error}  [retryable, {times}; the next run or sync takes it back]"
+
+
+def _print_list(lines: Sequence[str], limit: int | None) -> None:
+    shown = lines if limit is None else lines[:limit]
+    for line in shown:
+        print(f"    {line}")
+    if len(lines) > len(shown):
+        print(f"    and {len(lines) - len(shown)} more (--all lists them)")
+
+
+def _date(text: str) -> dt.date:
+    return dt.date.fromisoformat(text)
 
 
 async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:

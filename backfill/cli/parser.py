@@ -211,11 +211,25 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         name="status",
-        summary="coverage per app: windows, rows, bytes, gaps, failures",
+        summary="coverage per app: a calendar of the days with rows, gaps, failures",
         description="Per app: windows committed/failed/pending/split, rows and bytes landed, "
-        "the first and last day covered, the gaps, and each failed window's last error.",
-        example="backfill status --json",
+        "how many days of the planned span (first planned day to last) have committed rows, "
+        "a calendar of those days (one row per month, one character per UTC day: # committed, "
+        "x failed, . pending or in flight, - never asked), the gaps (days without rows) and "
+        "each FAILED window with its last error.  Lists show their first 10 entries and how "
+        "many more; --all shows every one.  Reads only the ledger: `backfill verify` checks "
+        "the files.",
+        example="backfill status --app puzzle-quest\n  backfill status --check --json",
         groups=(Group.BASE, Group.APPS, Group.JSON),
+        args=(
+            _arg("--all", action="store_true", help="list every gap and failure"),
+            _arg(
+                "--check",
+                action="store_true",
+                help="exit 4 if a FAILED window needs a person (not retryable, or failed "
+                "[windows].heal_runs times, so no run or sync takes it back); 0 otherwise",
+            ),
+        ),
     ),
     Command(
         name="verify",
