@@ -204,7 +204,7 @@ async def _watch_signals(engine: Engine, scope: anyio.CancelScope, halt: threadi
 async def _watch_stops(engine: Engine, stops: Sequence[threading.Event]) -> None:
     """A gentle stop once any of ``stops`` is set (they are set from other threads)."""
     # Polled: another thread sets them, where an anyio.Event cannot be set.
-    while not any(s.is_set() for s in stops):  # noqa: ASYNC110  # threading events, see above
+    while not any(s.is_set() for s in stops):  # noqa: ASYNC110 - threading events, see above
         await anyio.sleep(_STOP_POLL_S)
     logs.get("api").warning("run.stop.requested", hint="finishing conversions")
     engine.stop()
