@@ -88,6 +88,7 @@ class OutputSettings:
     root: Path = Path("data/flurry")
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
     min_repull_share: float = 0.5  # a re-pull under this share of the rows it replaces fails
+    metrics_file: Path | None = None  # the Prometheus textfile a run writes (--metrics-file)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     # On a terminal the live progress table says what info lines would; keep the screen clean.
     live = log_format == "auto" and sys.stderr.isatty() and args.command in _LIVE
     logs.configure(fmt=log_format, level="warning" if quiet or live else "info")
+    # Fatal errors as JSON log lines where the log lines are JSON (a collector reads them).
+    json_log = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     crashpoints.arm(env.get("BACKFILL_CRASH_AT"))  # the crash tests' seam; unset in real use
     if counts := env.get("BACKFILL_CRASH_COUNTS"):  # ... and where the sweep learns the steps
         atexit.register(lambda: Path(counts).write_text(json.dumps(crashpoints.counts())))
@@ -76,9 +78,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 raise
             raise found from None
     except SimulatorConfigError as exc:
-        return exits.for_error(exc, usage=True)
+        return exits.for_error(exc, usage=True, json_log=json_log)
     except BackfillError as exc:
-        return exits.for_error(exc)
+        return exits.for_error(exc, json_log=json_log)
     except KeyboardInterrupt:
         return exits.EXIT_INTERRUPTED
     except BrokenPipeError:  # `backfill plan --json | head -1`: the reader has what it wanted

@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_TRANSIENT",
     "EXIT_USAGE",
+    "code_of",
     "for_error",
 ]
 
@@ -55,20 +56,33 @@ BY_STANDING: Final = {
 _TOKEN_HINT = "[api].token_env or [api].token_file of the config"
 
 
-def for_error(exc: Exception, *, usage: bool = False) -> int:
+def for_error(exc: Exception, *, usage: bool = False, json_log: bool = False) -> int:
     """Print ``exc`` as ``backfill: error: ...`` on stderr and return its exit code.
 
     ``usage`` marks an error that is a usage or configuration error without being a
     ``ConfigError`` (the simulator's own config errors).  Any other error, a ``BackfillError``
-    by contract of the caller, is transient.
+    by contract of the caller, is transient.  With ``json_log`` the error is a JSON log line
+    instead (``run.fatal.error`` with the message and the exit code), for log collectors.
     """
-    if usage or isinstance(exc, ConfigError):
-        code, hint = EXIT_USAGE, ""
-    elif isinstance(exc, AuthError):
-        code, hint = EXIT_AUTH, f"; check the token ({_TOKEN_HINT})"
-    elif isinstance(exc, IntegrityError):
-        code, hint = EXIT_INTEGRITY, ""
+    code, hint = _classify(exc, usage)
+    message = f"{logs.scrub(str(exc))}{hint}"
+    if json_log:
+        logs.get("cli").error("run.fatal.error", message=message, exit_code=code)
     else:
-        code, hint = EXIT_TRANSIENT, ""
-    print(f"backfill: error: {logs.scrub(str(exc))}{hint}", file=sys.stderr)
+        print(f"backfill: error: {message}", file=sys.stderr)
     return code
+
+
+def code_of(exc: Exception, *, usage: bool = False) -> int:
+    """The exit code ``for_error`` gives ``exc``, without printing it."""
+    return _classify(exc, usage)[0]
+
+
+def _classify(exc: Exception, usage: bool) -> tuple[int, str]:
+    if usage or isinstance(exc, ConfigError):
+        return EXIT_USAGE, ""
+    if isinstance(exc, AuthError):
+        return EXIT_AUTH, f"; check the token ({_TOKEN_HINT})"
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY, ""
+    return EXIT_TRANSIENT, ""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from backfill.cli import recorded, runs, session
+from backfill.cli import runs, session
 from backfill.cli.exits import EXIT_OK, EXIT_USAGE
 from backfill.errors import ConfigError
 from backfill.models import WindowState
@@ -24,10 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
 
-    from backfill.engine import Engine
     from backfill.layout import Layout
-    from backfill.ledger import Ledger
-    from backfill.ledger_schema import RecordedSettings
     from backfill.models import WindowRecord
     from backfill.ports import LedgerPort
 
@@ -65,55 +62,20 @@ async def refresh_choice(
 
 async def refresh(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``backfill refresh``: pull committed windows of one app again with the config's settings."""
+    from backfill.api_flows import preparing_refresh
+
     session.check_order(args)
     settings, apps, token = session.prologue(args, env, names=[args.app])
-    app = apps[0]
-    whole: list[bool] = []
-
-    async def prepare(engine: Engine) -> tuple[int | None, int | None]:
-        chosen = await refresh_choice(
-            engine.ledger, settings.output.root, app.name, args.start, args.end,
-            damaged=args.damaged,
-        )  # fmt: skip
-        records = await engine.ledger.windows(apps=[app.name])
-        live = {r.id for r in records if r.committed_attempt is not None}
-        whole.append({r.id for r in chosen} >= live)
-        for record in chosen:
-            if record.state is WindowState.COMMITTED:
-                await engine.requeue_committed(app, record.window.start, record.window.end)
-        if args.accept_shrink:  # the re-pulls held for shrinking go again, and are accepted
-            for record in records:
-                in_range = (args.start is None or record.window.end > args.start) and (
-                    args.end is None or record.window.start < args.end
-                )
-                if record.error_class == "ShrinkError" and in_range:
-                    if record.state is WindowState.FAILED:
-                        chosen.append(await engine.ledger.retry(record))
-        print(f"refreshing {len(chosen)} window{'s' * (len(chosen) != 1)} of {app.name}")
-        if not chosen:
-            return args.start, args.end
-        return min(r.window.start for r in chosen), max(r.window.end for r in chosen)
-
-    async def finished(ledger: Ledger) -> None:
-        if whole and whole[0]:
-            await recorded.record(ledger, [app])
-        elif not await _unchanged(ledger, app.name, recorded.settings_of(app)):
-            print(
-                f"note: windows of {app.name} outside the refreshed range hold rows pulled with "
-                "the old settings; refresh them too before the next run or sync",
-                file=sys.stderr,
-            )
-
+    monitor = runs.Monitor.of(args, settings, info_out=sys.stdout)
+    prepare, finished = preparing_refresh(
+        settings, apps[0], args.start, args.end,
+        damaged=args.damaged, accept_shrink=args.accept_shrink, say=monitor.say,
+    )  # fmt: skip
     return await runs.drive(
         settings, token, apps, prepare, args.quiet, args.progress_interval,
-        refreshing=app.name, accept_shrink=args.accept_shrink, finished=finished,
+        refreshing=apps[0].name, accept_shrink=args.accept_shrink, finished=finished,
+        monitor=monitor,
     )  # fmt: skip
-
-
-async def _unchanged(ledger: Ledger, app: str, wanted: RecordedSettings) -> bool:
-    from backfill import guard
-
-    return guard.same(await ledger.recorded_settings(app), wanted)
 
 
 def app_folders(layout: Layout, app: str) -> list[Path]:

@@ -57,6 +57,7 @@ class Group(StrEnum):
     SPAN = "span"  # --start, --end
     TUNING = "tuning"  # --format, --max-in-flight
     JSON = "json"  # --json
+    MONITOR = "monitor"  # --summary-json, --metrics-file
 
 
 _LOG_FORMATS = ["auto", "console", "json"]
@@ -104,6 +105,20 @@ GROUPS: dict[Group, tuple[Arg, ...]] = {
         ),
     ),
     Group.JSON: (_arg("--json", action="store_true", help="print JSON instead of a table"),),
+    Group.MONITOR: (
+        _arg(
+            "--summary-json",
+            action="store_true",
+            help="print the end-of-run record as one JSON object instead of the text summary",
+        ),
+        _arg(
+            "--metrics-file",
+            type=Path,
+            metavar="PATH",
+            help="write the run's Prometheus metrics here, for node-exporter's textfile "
+            "collector (default: [output].metrics_file, else none)",
+        ),
+    ),
 }
 
 
@@ -149,7 +164,7 @@ COMMANDS: tuple[Command, ...] = (
         "download and commit them.  Safe to interrupt and run again: committed windows are "
         "kept, requests still processing at Flurry are picked up again, nothing is duplicated.",
         example="backfill run --start 2025-01-01 --end 2026-01-01 --app puzzle-quest",
-        groups=(Group.BASE, Group.APPS, Group.SPAN, Group.TUNING),
+        groups=(Group.BASE, Group.APPS, Group.SPAN, Group.TUNING, Group.MONITOR),
     ),
     Command(
         name="sync",
@@ -159,14 +174,14 @@ COMMANDS: tuple[Command, ...] = (
         "them), whatever failed elsewhere, then every day up to today less the lag that no "
         "window covers yet.  Run it from cron or a systemd timer.",
         example="backfill sync --config /etc/backfill.toml",
-        groups=(Group.BASE, Group.APPS, Group.TUNING),
+        groups=(Group.BASE, Group.APPS, Group.TUNING, Group.MONITOR),
     ),
     Command(
         name="retry",
         summary="run the FAILED windows again",
         description="Send every FAILED window (of the chosen apps) back to the queue and run them.",
         example="backfill retry --app puzzle-quest",
-        groups=(Group.BASE, Group.APPS, Group.TUNING),
+        groups=(Group.BASE, Group.APPS, Group.TUNING, Group.MONITOR),
     ),
     Command(
         name="refresh",
@@ -180,7 +195,7 @@ COMMANDS: tuple[Command, ...] = (
         "new settings, they are recorded.  `backfill plan --refresh --app NAME` shows what it "
         "would do.",
         example="backfill refresh --app puzzle-quest --start 2025-06-01 --end 2025-07-01",
-        groups=(Group.BASE, Group.SPAN, Group.TUNING),
+        groups=(Group.BASE, Group.SPAN, Group.TUNING, Group.MONITOR),
         args=(
             _arg("--app", required=True, metavar="NAME", help="the app to pull again"),
             _arg(

@@ -1,87 +1,129 @@
 """The commands that run the engine: ``run``, ``sync``, ``retry`` and ``demo``.
 
-They differ only in how they plan (a ``prepare`` step); ``drive`` does the rest for all of
-them: the run lock, the ledger, the API client and the output store, the engine run under
-signals with its progress view, the summary, and the exit code from how the requested windows
-stand.
+They differ only in how they plan (a ``prepare`` step of ``api_flows``, shared with the Python
+API); ``drive`` does the rest for all of them through ``api.execute`` (the run lock, the ledger,
+the client, the store, the engine, the exit code from how the requested windows stand), under
+signals with the progress view, and ``Monitor`` reports the end: the text summary or the JSON
+record (``--summary-json``), the ``run.summary.done`` log line, the metrics file.
 """
 
 from __future__ import annotations
 
-import signal
+import json
 import sys
-import threading
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 
-from backfill import config, logs
-from backfill.cli import recorded, session
-from backfill.cli.exits import BY_STANDING, EXIT_INTERRUPTED, EXIT_OK
+from backfill import api, config, logs
+from backfill.api_flows import preparing_retry, preparing_run, preparing_sync
+from backfill.cli import session
 from backfill.cli.inspection import print_status
+from backfill.errors import BackfillError
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Mapping
+    from pathlib import Path
 
+    from backfill.api_flows import Finished, Prepare
     from backfill.config import AppSettings, Settings
-    from backfill.engine import Engine, Summary
-    from backfill.ledger import Ledger
+    from backfill.engine import Engine
 
-    # Plans the run on the engine; returns the range whose windows decide the exit code
-    # (None: every window of the apps).
-    _Prepare = Callable[[Engine], Awaitable[tuple[int | None, int | None]]]
-    # Runs after a run whose requested windows all committed (``refresh`` records settings).
-    _Finished = Callable[[Ledger], Awaitable[None]]
-
-__all__ = ["demo", "drive", "retry", "run", "sync"]
+__all__ = ["Monitor", "demo", "drive", "retry", "run", "sync"]
 
 
 async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``backfill run``: plan ``--start``/``--end`` (clamped to the horizon) and run it."""
     settings, apps, token = session.prologue(args, env)
     session.check_order(args)
-
-    async def prepare(engine: Engine) -> tuple[int | None, int | None]:
-        start, end, notes = engine.clamp(args.start, args.end)
-        for note in notes:
-            print(f"backfill: warning: {note}", file=sys.stderr)
-        await engine.plan(apps, start, end)
-        _took_back(await engine.requeue_failed(apps, start, end, heal=True))
-        return start, end
-
-    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
-
-
-def _took_back(count: int) -> None:
-    if count:
-        print(f"taking back {count} failed window{'s' * (count != 1)} (retryable; a failed "
-              "night heals on the next one)", file=sys.stderr)  # fmt: skip
+    monitor = Monitor.of(args, settings)
+    prepare = preparing_run(apps, args.start, args.end, monitor.say)
+    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
+                       monitor=monitor)  # fmt: skip
 
 
 async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``backfill sync``: the last days before each app's newest rows again, and every gap."""
     settings, apps, token = session.prologue(args, env)
-
-    async def prepare(engine: Engine) -> tuple[int | None, int | None]:
-        await engine.prepare_sync(apps)
-        _took_back(await engine.requeue_failed(apps, heal=True))
-        return None, None
-
-    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
+    monitor = Monitor.of(args, settings)
+    prepare = preparing_sync(apps, monitor.say)
+    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
+                       monitor=monitor)  # fmt: skip
 
 
 async def retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """``backfill retry``: the FAILED windows of the chosen apps, queued and run again."""
     settings, apps, token = session.prologue(args, env)
+    monitor = Monitor.of(args, settings, info_out=sys.stdout)
+    prepare = preparing_retry(apps, monitor.say)
+    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
+                       monitor=monitor)  # fmt: skip
 
-    async def prepare(engine: Engine) -> tuple[int | None, int | None]:
-        count = await engine.requeue_failed(apps)
-        print(f"retrying {count} failed window{'s' * (count != 1)}")
-        return None, None
 
-    return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Monitor:
+    """Where a run's end goes besides the exit code: the text summary or one JSON object on
+    stdout, the ``run.summary.done`` log line in JSON mode, a Prometheus metrics file."""
+
+    command: str = "run"
+    summary_json: bool = False
+    json_log: bool = False
+    metrics_file: Path | None = None
+    info_out: TextIO | None = None  # where the planning notes go (None: stderr)
+
+    @classmethod
+    def of(
+        cls, args: argparse.Namespace, settings: Settings, *, info_out: TextIO | None = None
+    ) -> Monitor:
+        """The monitoring asked for by ``--summary-json``, ``--log-format``, ``--metrics-file``
+        (else ``[output].metrics_file``)."""
+        fmt = getattr(args, "log_format", "auto")
+        summary_json = bool(getattr(args, "summary_json", False))
+        return cls(
+            command=args.command,
+            summary_json=summary_json,
+            json_log=fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()),
+            metrics_file=getattr(args, "metrics_file", None) or settings.output.metrics_file,
+            info_out=None if summary_json else info_out,  # stdout holds only the record then
+        )
+
+    def say(self, level: str, text: str) -> None:
+        """A planning note: a warning on stderr, anything else where ``info_out`` says."""
+        if level == "warning":
+            print(f"backfill: warning: {text}", file=sys.stderr)
+        elif level == "note":
+            print(f"note: {text}", file=sys.stderr)
+        else:
+            print(text, file=self.info_out or sys.stderr)
+
+    def report(self, result: api.RunResult) -> None:
+        """The end of a run, everywhere it was asked for."""
+        record = result.to_json()
+        if self.summary_json:
+            print(json.dumps(record), flush=True)
+        else:
+            _print_summary(result)
+        if self.json_log:
+            logs.get("cli").info("run.summary.done", **record)
+        self.write_metrics(result.exit_code, result)
+
+    def write_metrics(self, exit_code: int, result: api.RunResult | None = None) -> None:
+        """The metrics file, if asked for; a fatal error has no counts, only its exit code."""
+        if self.metrics_file is None:
+            return
+        from backfill import metrics
+
+        apps = None if result is None else {a.app: {
+            "committed": a.committed, "failed": a.failed, "split": a.split, "rows": a.rows,
+            "bytes": a.bytes} for a in result.apps}  # fmt: skip
+        metrics.write(
+            self.metrics_file, command=self.command, exit_code=exit_code, finished_at=time.time(),
+            wall_s=None if result is None else result.wall_s,
+            interrupted=False if result is None else result.interrupted, apps=apps,
+        )  # fmt: skip
 
 
 async def demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -124,103 +166,42 @@ async def drive(
     settings: Settings,
     token: str,
     apps: list[AppSettings],
-    prepare: _Prepare,
+    prepare: Prepare,
     quiet: bool,
     interval: float = 10.0,
     *,
     refreshing: str | None = None,
     accept_shrink: bool = False,
-    finished: _Finished | None = None,
+    finished: Finished | None = None,
+    monitor: Monitor | None = None,
 ) -> int:
-    """Open everything, run ``prepare`` (planning), run the engine under signals, summarise.
+    """``api.execute`` under signals with the progress view; the end reported (``Monitor``).
 
-    Before ``prepare``, the apps' recorded settings are checked against the config (a refusal
-    is a ``ConfigError``: nothing planned, nothing submitted) and recorded where missing; the
-    app a ``refresh`` re-pulls (``refreshing``) is recorded by ``finished`` instead, which runs
-    after a run whose requested windows all committed.
+    A fatal error still writes the metrics file (its exit code) before it ends the command.
     """
-    from backfill.audit import outcome_of_range
-    from backfill.client import FlurryClient, Secret, Timeouts
-    from backfill.engine import Engine
-    from backfill.store import LocalStore
+    from backfill.cli.exits import code_of
 
-    config.check_writable(settings)
-    timeouts = Timeouts(
-        connect_s=settings.api.connect_timeout_s, read_s=settings.api.read_timeout_s
-    )
-    with session.exclusive(settings):
-        async with (
-            session.open_ledger(settings) as ledger,
-            FlurryClient(
-                base_url=settings.api.base_url, token=Secret(token), timeouts=timeouts
-            ) as api,
-        ):
-            await recorded.check(ledger, apps, refreshing=refreshing)
-            await recorded.record(ledger, [a for a in apps if a.name != refreshing])
-            halt = threading.Event()  # the second signal: conversions under way give up too
-            store = LocalStore(
-                settings.output.root, on_bad_rows=settings.output.on_bad_rows, stop=halt
-            )
-            engine = Engine(
-                settings=settings, ledger=ledger, store=store, api=api, accept_shrink=accept_shrink
-            )
-            start, end = await prepare(engine)
-            summary = await _run_with_signals(engine, apps, quiet, interval, halt)
-            if summary.fatal is None and not summary.interrupted:
-                standing = await outcome_of_range(
-                    ledger, [a.name for a in apps], start, end,
-                    heal_runs=settings.windows.heal_runs,
-                )  # fmt: skip
-                summary.exit_code = BY_STANDING[standing]
-            _print_summary(summary)
-            if finished is not None and summary.exit_code == EXIT_OK:
-                await finished(ledger)
-            return summary.exit_code
+    monitor = monitor or Monitor()
 
-
-async def _run_with_signals(
-    engine: Engine,
-    apps: list[AppSettings],
-    quiet: bool,
-    interval: float = 10.0,
-    halt: threading.Event | None = None,
-) -> Summary:
-    """Run the engine; the first SIGINT/SIGTERM drains gently, the second stops at once."""
-    log = logs.get("cli")
-    result: list[Summary] = []
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if not engine.stopping:
-                    log.warning(
-                        "run.stop.requested",
-                        signal=signal.Signals(signum).name,
-                        hint="finishing conversions; a second signal stops at once",
-                    )
-                    engine.stop()
-                else:
-                    log.warning("run.stop.now", signal=signal.Signals(signum).name)
-                    if halt is not None:
-                        halt.set()
-                    scope.cancel()
-
-    async def progress() -> None:
+    async def progress(engine: Engine) -> None:
         await _progress(engine, interval)
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch, group.cancel_scope)
-        if not quiet:
-            group.start_soon(progress)
-        try:
-            result.append(await engine.run(apps))
-        finally:
-            group.cancel_scope.cancel()
-    summary = result[0] if result else engine.summary
-    if engine.stopping or not result:
-        summary.interrupted = True
-        summary.exit_code = EXIT_INTERRUPTED
-    return summary
+    options = api.Options(
+        signals=True,
+        watch=None if quiet else progress,
+        refreshing=refreshing,
+        accept_shrink=accept_shrink,
+        finished=finished,
+    )
+    try:
+        result = await api.execute(
+            settings, token, apps, prepare, command=monitor.command, options=options
+        )
+    except BackfillError as exc:
+        monitor.write_metrics(code_of(exc))
+        raise
+    monitor.report(result)
+    return result.exit_code
 
 
 async def _progress(engine: Engine, interval: float) -> None:
@@ -275,15 +256,15 @@ def _progress_table(engine: Engine, elapsed: float) -> Any:
     return table
 
 
-def _print_summary(summary: Summary) -> None:
-    calls = ", ".join(f"{k} {v}" for k, v in summary.calls.items() if v)
-    print(f"windows: {summary.committed} committed, {summary.split} split, {summary.failed} failed")
-    print(f"landed:  {summary.rows:,} rows, {summary.bytes:,} bytes of Parquet")
+def _print_summary(result: api.RunResult) -> None:
+    calls = ", ".join(f"{k} {v}" for k, v in result.calls.items() if v)
+    print(f"windows: {result.committed} committed, {result.split} split, {result.failed} failed")
+    print(f"landed:  {result.rows:,} rows, {result.bytes:,} bytes of Parquet")
     print(f"API:     {calls or 'no calls'}")
-    print(f"time:    {summary.wall_s:.1f} s")
-    for app, window, reason in summary.failures[:10]:
-        print(f"failed:  {app} {window}: {logs.scrub(reason)}")
-    if summary.interrupted:
+    print(f"time:    {result.wall_s:.1f} s")
+    for failure in result.failures[:10]:
+        print(f"failed:  {failure.app} {failure.window}: {failure.reason}")
+    if result.interrupted:
         print(
             "interrupted: every request id is in the ledger; run the same command again to resume"
         )
