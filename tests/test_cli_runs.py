@@ -89,9 +89,9 @@ async def test_a_refused_token_exits_3_without_a_traceback(tmp_path: Path) -> No
     ("faults", "code", "reason"),
     [
         (Faults(corrupt_download=1.0), 4, "corrupt gzip"),
-        (Faults(failure=1.0), 75, "Failure 2 times"),
+        (Faults(failure=1.0), 4, "Failure 2 times"),  # repeated Failure: a person decides
     ],
-    ids=["corrupt-downloads-fail-windows", "flurry-failures-exhaust-retries"],
+    ids=["corrupt-downloads-fail-windows", "flurry-failures-wait-for-a-person"],
 )
 async def test_failed_windows_exit_4_and_exhausted_retries_exit_75(
     tmp_path: Path, faults: Faults, code: int, reason: str
