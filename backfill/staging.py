@@ -70,7 +70,7 @@ def stage(
     outside ``_staging/`` (and ``_rejects/``) is touched, and a failed stage leaves no staged
     files.
     """
-    where: dict[str, str | None] = {"app": app, "window": f"{start_ms}/{end_ms}"}
+    where: dict[str, str | None] = {"app": app, "window": f"{iso(start_ms)}/{iso(end_ms)}"}
     stage_dir = layout.stage_dir(app, window_id, attempt)
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)
