@@ -90,6 +90,7 @@ class Options:
     refreshing: str | None = None  # the app a refresh re-pulls (its settings recorded later)
     accept_shrink: bool = False
     finished: Finished | None = None  # after a run whose requested windows all committed
+    wait: float | None = None  # queue this long behind a run holding the ledger (inf: no end)
 
 
 def _log_note(level: str, text: str) -> None:
@@ -103,9 +104,11 @@ async def execute(
 ) -> RunResult:  # fmt: skip
     """Open everything, run ``prepare`` (planning), run the engine, say how it ended.
 
-    Before ``prepare``, the apps' recorded settings are checked against the config (a refusal
-    is a ``ConfigError``: nothing planned, nothing submitted) and recorded where missing (but
-    for ``options.refreshing``, recorded by ``options.finished``).  A fatal error (a refused
+    The run lock is taken first: held by another run, it is a ``LockedError``, or with
+    ``options.wait`` a wait of that many seconds at most.  Before ``prepare``, the apps'
+    recorded settings are checked against the config (a refusal is a ``ConfigError``: nothing
+    planned, nothing submitted) and recorded where missing (but for ``options.refreshing``,
+    recorded by ``options.finished``).  A fatal error (a refused
     token, ledger trouble) is raised as itself, never as an exception group.
     """
     # The run lock, the ledger opener, the settings guard and the exit codes are the command
@@ -121,7 +124,7 @@ async def execute(
     config.check_writable(settings)
     a = settings.api
     timeouts = Timeouts(connect_s=a.connect_timeout_s, read_s=a.read_timeout_s)
-    with session.exclusive(settings):
+    with session.exclusive(settings, wait=options.wait):
         async with (
             session.open_ledger(settings) as ledger,
             FlurryClient(base_url=a.base_url, token=Secret(token), timeouts=timeouts) as client,

@@ -42,7 +42,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     monitor = Monitor.of(args, settings)
     prepare = preparing_run(apps, args.start, args.end, monitor.say)
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
-                       monitor=monitor)  # fmt: skip
+                       monitor=monitor, wait=args.wait)  # fmt: skip
 
 
 async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -51,7 +51,7 @@ async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     monitor = Monitor.of(args, settings)
     prepare = preparing_sync(apps, monitor.say)
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
-                       monitor=monitor)  # fmt: skip
+                       monitor=monitor, wait=args.wait)  # fmt: skip
 
 
 async def retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -60,7 +60,7 @@ async def retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     monitor = Monitor.of(args, settings, info_out=sys.stdout)
     prepare = preparing_retry(apps, monitor.say)
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
-                       monitor=monitor)  # fmt: skip
+                       monitor=monitor, wait=args.wait)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,10 +174,12 @@ async def drive(
     accept_shrink: bool = False,
     finished: Finished | None = None,
     monitor: Monitor | None = None,
+    wait: float | None = None,
 ) -> int:
     """``api.execute`` under signals with the progress view; the end reported (``Monitor``).
 
-    A fatal error still writes the metrics file (its exit code) before it ends the command.
+    ``wait`` (``--wait``) queues behind a run holding the ledger.  A fatal error still writes
+    the metrics file (its exit code) before it ends the command.
     """
     from backfill.cli.exits import code_of
 
@@ -192,6 +194,7 @@ async def drive(
         refreshing=refreshing,
         accept_shrink=accept_shrink,
         finished=finished,
+        wait=wait,
     )
     try:
         result = await api.execute(
