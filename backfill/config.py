@@ -299,10 +299,11 @@ def replace_api(settings: Settings, **changes: Any) -> Settings:
 def load(path: Path) -> Settings:
     """Read the TOML file at ``path`` and ``parse`` it, naming ``path`` in every message.
 
-    Relative paths in the file (``[output].root``, ``[ledger].path``, ``[api].token_file``) are
-    relative to the file's folder, not to the working directory (``anchored``).  Raises
-    ``ConfigError`` when the file cannot be read, is not TOML, or fails a check.  It reads no
-    token and creates nothing: ``read_token`` and ``check_writable`` do that.
+    Relative paths in the file (``[output].root`` and ``.metrics_file``, ``[ledger].path``,
+    ``[api].token_file``) are relative to the file's folder, not to the working directory
+    (``anchored``).  Raises ``ConfigError`` when the file cannot be read, is not TOML, or fails
+    a check.  It reads no token and creates nothing: ``read_token`` and ``check_writable`` do
+    that.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -316,9 +317,10 @@ def load(path: Path) -> Settings:
 
 
 def anchored(settings: Settings, folder: Path) -> Settings:
-    """``settings`` with a relative ``[output].root``, ``[ledger].path`` and ``[api].token_file``
-    taken as relative to ``folder`` (the config file's): cron, a systemd unit or a shell in
-    another directory all find the same ledger, output and token."""
+    """``settings`` with a relative ``[output].root``, ``[output].metrics_file``,
+    ``[ledger].path`` and ``[api].token_file`` taken as relative to ``folder`` (the config
+    file's): cron, a systemd unit or a shell in another directory all find the same ledger,
+    output, metrics file and token."""
 
     def under(value: Path) -> Path:
         return value if value.is_absolute() else folder / value
@@ -329,7 +331,9 @@ def anchored(settings: Settings, folder: Path) -> Settings:
     ledger = settings.ledger
     if ledger.path is not None:
         ledger = dataclasses.replace(ledger, path=under(ledger.path))
-    output = dataclasses.replace(settings.output, root=under(settings.output.root))
+    output = settings.output
+    metrics = None if output.metrics_file is None else under(output.metrics_file)
+    output = dataclasses.replace(output, root=under(output.root), metrics_file=metrics)
     return dataclasses.replace(settings, api=api, ledger=ledger, output=output)
 
 

@@ -188,10 +188,12 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     path = folder / "b.toml"
     path.write_text(
         '[api]\ntoken_file = "secrets/token"\n[output]\nroot = "../lake"\n'
+        'metrics_file = "metrics/backfill.prom"\n'
         f'[ledger]\npath = "state/l.sqlite"\n{app}'
     )
     settings = config.load(path)
     assert settings.output.root == folder / "../lake"
+    assert settings.output.metrics_file == folder / "metrics/backfill.prom"
     assert settings.ledger_path == folder / "state/l.sqlite"
     assert settings.api.token_file == folder / "secrets/token"
     path.write_text(f'[api]\ntoken_file = "/run/token"\n[output]\nroot = "/srv/lake"\n{app}')
@@ -199,6 +201,7 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert settings.output.root == Path("/srv/lake") and settings.ledger.path is None
     assert settings.ledger_path == Path("/srv/lake/_ledger.sqlite")
     assert str(settings.api.token_file) == "/run/token"
+    assert settings.output.metrics_file is None
     path.write_text(f'[api]\ntoken_env = "T"\n{app}')
     assert config.load(path).output.root == folder / "data/flurry"  # the default, too
 
