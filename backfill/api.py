@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import anyio
 
 from backfill import config, logs
-from backfill.api_flows import preparing_refresh, preparing_retry, preparing_run, preparing_sync
+from backfill.api_flows import (
+    preparing_refresh,
+    preparing_retry,
+    preparing_run,
+    preparing_sync,
+    spans,
+    standing,
+)
 from backfill.api_results import (
     AppOutcome,
     Failure,
@@ -51,6 +58,8 @@ if TYPE_CHECKING:
     from backfill.api_results import When
     from backfill.config import AppSettings, Settings
     from backfill.engine import Engine, Summary
+    from backfill.events import WindowEvent
+    from backfill.models import WindowRecord
 
 __all__ = [
     "AppOutcome",
@@ -90,6 +99,10 @@ class Options:
     refreshing: str | None = None  # the app a refresh re-pulls (its settings recorded later)
     accept_shrink: bool = False
     finished: Finished | None = None  # after a run whose requested windows all committed
+    wait: float | None = None  # queue this long behind a run holding the ledger (inf: no end)
+    listeners: tuple[Callable[[WindowEvent], None], ...] = ()  # the engine's events (the ETA)
+    # ``retry``'s: filled by ``prepare`` with exactly the windows to run (None: the range's)
+    only: Sequence[WindowRecord] | None = None
 
 
 def _log_note(level: str, text: str) -> None:
@@ -103,14 +116,17 @@ async def execute(
 ) -> RunResult:  # fmt: skip
     """Open everything, run ``prepare`` (planning), run the engine, say how it ended.
 
-    Before ``prepare``, the apps' recorded settings are checked against the config (a refusal
-    is a ``ConfigError``: nothing planned, nothing submitted) and recorded where missing (but
-    for ``options.refreshing``, recorded by ``options.finished``).  A fatal error (a refused
-    token, ledger trouble) is raised as itself, never as an exception group.
+    The run lock is taken first: held by another run, it is a ``LockedError``, or with
+    ``options.wait`` a wait of that many seconds at most.  Before ``prepare``, the apps'
+    recorded settings are checked against the config (a refusal is a ``ConfigError``: nothing
+    planned, nothing submitted) and recorded where missing (but for ``options.refreshing``,
+    recorded by ``options.finished``).  The engine takes the unfinished windows overlapping
+    the range ``prepare`` returns, or exactly ``options.only`` once ``prepare`` filled it; the
+    exit code is how those (and the windows split from them) stand afterwards.  A fatal error
+    (a refused token, ledger trouble) is raised as itself, never as an exception group.
     """
     # The run lock, the ledger opener, the settings guard and the exit codes are the command
     # line's; the layers contract lets this module, and only it, use them.
-    from backfill.audit import outcome_of_range
     from backfill.cli import recorded, session
     from backfill.cli.exits import BY_STANDING, EXIT_OK
     from backfill.client import FlurryClient, Secret, Timeouts
@@ -121,7 +137,7 @@ async def execute(
     config.check_writable(settings)
     a = settings.api
     timeouts = Timeouts(connect_s=a.connect_timeout_s, read_s=a.read_timeout_s)
-    with session.exclusive(settings):
+    with session.exclusive(settings, wait=options.wait):
         async with (
             session.open_ledger(settings) as ledger,
             FlurryClient(base_url=a.base_url, token=Secret(token), timeouts=timeouts) as client,
@@ -134,25 +150,28 @@ async def execute(
             )
             engine = Engine(
                 settings=settings, ledger=ledger, store=store, api=client,
-                accept_shrink=options.accept_shrink,
+                accept_shrink=options.accept_shrink, listeners=options.listeners,
             )  # fmt: skip
             start, end = await prepare(engine)
-            summary = await _drive(engine, apps, options, halt)
+            only = options.only
+            ids = None if only is None else {r.id for r in only}
+            summary = await _drive(
+                engine, lambda: engine.run(apps, start, end, only=ids), options, halt
+            )
             if summary.fatal is None and not summary.interrupted:
-                standing = await outcome_of_range(
-                    ledger, [x.name for x in apps], start, end,
-                    heal_runs=settings.windows.heal_runs,
-                )  # fmt: skip
-                summary.exit_code = BY_STANDING[standing]
+                ranges = [(x.name, start, end) for x in apps] if only is None else spans(only)
+                stands = await standing(ledger, ranges, settings.windows.heal_runs)
+                summary.exit_code = BY_STANDING[stands]
             if options.finished is not None and summary.exit_code == EXIT_OK:
                 await options.finished(ledger)
             return result_of(command, summary, engine.tallies)
 
 
 async def _drive(
-    engine: Engine, apps: list[AppSettings], options: Options, halt: threading.Event
+    engine: Engine, go: Callable[[], Awaitable[Summary]], options: Options, halt: threading.Event
 ) -> Summary:
-    """Run the engine with its stops and its view; an interrupted run says so (exit 130)."""
+    """Run the engine (``go``) with its stops and its view; an interrupted run says so (exit
+    130)."""
     from backfill.cli.exits import EXIT_INTERRUPTED
 
     result: list[Summary] = []
@@ -165,7 +184,7 @@ async def _drive(
             if options.watch is not None:
                 group.start_soon(options.watch, engine)
             try:
-                result.append(await engine.run(apps))
+                result.append(await go())
             finally:
                 group.cancel_scope.cancel()
     except BaseExceptionGroup as error:  # the task group wraps what ended it
@@ -301,10 +320,12 @@ async def retry_async(
     config_path: str | os.PathLike[str], apps: Sequence[str] | None = None,
     *, token: str | None = None, stop: threading.Event | None = None,
 ) -> RunResult:  # fmt: skip
-    """``backfill retry``: the FAILED windows of the chosen apps, queued and run again."""
+    """``backfill retry``: the FAILED windows of the chosen apps, queued and run again: those
+    and nothing else."""
     settings, chosen, token = _open(config_path, apps, token)
-    prepare = preparing_retry(chosen, _log_note)
-    return await _cancellable("retry", settings, token, chosen, prepare, stop)
+    taken: list[WindowRecord] = []
+    prepare = preparing_retry(chosen, _log_note, taken)
+    return await _cancellable("retry", settings, token, chosen, prepare, stop, only=taken)
 
 
 async def refresh_async(

@@ -1,8 +1,11 @@
 """How each command plans its run: the ``prepare`` step the API and the command line share.
 
 A ``prepare`` plans on the engine before it runs and returns the range whose windows decide the
-exit code (None: every window of the apps).  What it has to tell (a clamped range, windows
-taken back) goes to ``say(level, text)``: the command line prints it, the API logs it.
+exit code (None: every window of the apps); the engine then takes the unfinished windows
+overlapping it.  ``retry`` also fills a list with exactly the windows it takes back: the run
+takes those and nothing else, and ``standing`` judges them (their ``spans``).  What a
+``prepare`` has to tell (a clamped range, windows taken back) goes to ``say(level, text)``:
+the command line prints it, the API logs it.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from typing import TYPE_CHECKING
 from backfill.models import WindowState
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from backfill.config import AppSettings, Settings
     from backfill.engine import Engine
     from backfill.ledger import Ledger
+    from backfill.models import WindowRecord
 
     Prepare = Callable[[Engine], Awaitable[tuple[int | None, int | None]]]
     Finished = Callable[[Ledger], Awaitable[None]]
@@ -24,7 +28,16 @@ if TYPE_CHECKING:
     # on stderr) or "info" (the command's own line).
     Say = Callable[[str, str], None]
 
-__all__ = ["preparing_refresh", "preparing_retry", "preparing_run", "preparing_sync"]
+__all__ = [
+    "preparing_refresh",
+    "preparing_retry",
+    "preparing_run",
+    "preparing_sync",
+    "spans",
+    "standing",
+]
+
+_LISTED = 20  # windows that ``retry`` names one by one
 
 
 def _plural(count: int, word: str) -> str:
@@ -62,12 +75,18 @@ def preparing_sync(apps: list[AppSettings], say: Say) -> Prepare:
     return prepare
 
 
-def preparing_retry(apps: list[AppSettings], say: Say) -> Prepare:
-    """``retry``: every FAILED window of the apps, queued again."""
+def preparing_retry(apps: list[AppSettings], say: Say, taken: list[WindowRecord]) -> Prepare:
+    """``retry``: every FAILED window of the apps, queued again, named (the first ``_LISTED``
+    one by one) and added to ``taken``: the run takes those and nothing else (a window pending
+    for another reason waits for ``run``/``sync``)."""
 
     async def prepare(engine: Engine) -> tuple[int | None, int | None]:
-        count = await engine.requeue_failed(apps)
-        say("info", f"retrying {_plural(count, 'failed window')}")
+        taken.extend(await engine.take_failed(apps))
+        lines = [f"retrying {_plural(len(taken), 'failed window')}{':' * bool(taken)}"]
+        lines += [f"  {r.window.app} {r.window.label}" for r in taken[:_LISTED]]
+        if len(taken) > _LISTED:
+            lines.append(f"  and {len(taken) - _LISTED} more")
+        say("info", "\n".join(lines))
         return None, None
 
     return prepare
@@ -119,3 +138,31 @@ def preparing_refresh(
             )
 
     return prepare, finished
+
+
+_SEVERITY = ("done", "unfinished", "retryable", "failed")  # BY_STANDING's keys, worst last
+
+
+def spans(records: Sequence[WindowRecord]) -> list[tuple[str, int, int]]:
+    """The windows' ranges as (app, start, end), touching or overlapping ranges merged."""
+    merged: list[tuple[str, int, int]] = []
+    for w in sorted((r.window for r in records), key=lambda w: (w.app, w.start)):
+        if merged and merged[-1][0] == w.app and merged[-1][2] >= w.start:
+            app, start, end = merged.pop()
+            merged.append((app, start, max(end, w.end)))
+        else:
+            merged.append((w.app, w.start, w.end))
+    return merged
+
+
+async def standing(
+    ledger: Ledger, ranges: Sequence[tuple[str, int | None, int | None]], heal_runs: int
+) -> str:
+    """How the windows of ``ranges`` (app, start, end) stand after a run: the worst of them."""
+    from backfill.audit import outcome_of_range
+
+    worst = "done"
+    for app, start, end in ranges:
+        got = await outcome_of_range(ledger, [app], start, end, heal_runs=heal_runs)
+        worst = max(worst, got, key=_SEVERITY.index)
+    return worst

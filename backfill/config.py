@@ -3,9 +3,10 @@
 ``parse(document, source=...)`` is pure: it turns the TOML mapping into frozen ``Settings`` or
 raises ``ConfigError`` naming the file, the key, the value and what was expected (with a
 did-you-mean for a misspelt key); each table has its own checker.  ``load(path)`` reads the
-file and parses it.  ``read_token`` reads the token (from the environment variable or the file
-the config names; never from the command line) and ``check_writable`` checks that the output
-root and the ledger's folder can be written.  The ``[simulator]`` table belongs to the
+file, parses it and takes its relative paths as relative to the file's folder.  ``read_token``
+reads the token (from the environment variable or the file the config names; never from the
+command line) and ``check_writable`` checks that the output root and the ledger's folder can
+be written.  The ``[simulator]`` table belongs to the
 simulator and is skipped here.
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "OutputSettings",
     "Settings",
     "WindowSettings",
+    "anchored",
     "load",
     "parse",
     "check_writable",
@@ -297,8 +299,11 @@ def replace_api(settings: Settings, **changes: Any) -> Settings:
 def load(path: Path) -> Settings:
     """Read the TOML file at ``path`` and ``parse`` it, naming ``path`` in every message.
 
-    Raises ``ConfigError`` when the file cannot be read, is not TOML, or fails a check.  It reads
-    no token and creates nothing: ``read_token`` and ``check_writable`` do that.
+    Relative paths in the file (``[output].root`` and ``.metrics_file``, ``[ledger].path``,
+    ``[api].token_file``) are relative to the file's folder, not to the working directory
+    (``anchored``).  Raises ``ConfigError`` when the file cannot be read, is not TOML, or fails
+    a check.  It reads no token and creates nothing: ``read_token`` and ``check_writable`` do
+    that.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -308,8 +313,28 @@ def load(path: Path) -> Settings:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    # Relative paths in the file are relative to the current directory, as on a command line.
-    return parse(document, source=str(path))
+    return anchored(parse(document, source=str(path)), path.parent)
+
+
+def anchored(settings: Settings, folder: Path) -> Settings:
+    """``settings`` with a relative ``[output].root``, ``[output].metrics_file``,
+    ``[ledger].path`` and ``[api].token_file`` taken as relative to ``folder`` (the config
+    file's): cron, a systemd unit or a shell in another directory all find the same ledger,
+    output, metrics file and token."""
+
+    def under(value: Path) -> Path:
+        return value if value.is_absolute() else folder / value
+
+    api = settings.api
+    if api.token_file is not None:
+        api = dataclasses.replace(api, token_file=under(api.token_file))
+    ledger = settings.ledger
+    if ledger.path is not None:
+        ledger = dataclasses.replace(ledger, path=under(ledger.path))
+    output = settings.output
+    metrics = None if output.metrics_file is None else under(output.metrics_file)
+    output = dataclasses.replace(output, root=under(output.root), metrics_file=metrics)
+    return dataclasses.replace(settings, api=api, ledger=ledger, output=output)
 
 
 def read_token(settings: Settings, env: Mapping[str, str]) -> str:

@@ -26,12 +26,12 @@ from backfill.events import AppTally, Summary, Tallies, WindowEvent, log_events
 from backfill.models import DAY_MS, UNFINISHED, WindowState
 from backfill.policy import Estimator
 from backfill.pool import run_pool
-from backfill.requeue import Requeue
+from backfill.requeue import Requeue, overlaps
 from backfill.sizing import Sizes
 from backfill.worker import Context, Worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Collection, Iterable
 
     from backfill.config import AppSettings, Settings
     from backfill.models import WindowRecord
@@ -165,14 +165,23 @@ class Engine(Requeue):
         (a second signal, in the CLI, stops at once)."""
         self._stopping.set()
 
-    async def run(self, apps: Iterable[AppSettings]) -> Summary:
-        """Recover, then run every unfinished window of ``apps`` to the end."""
+    async def run(
+        self,
+        apps: Iterable[AppSettings],
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        only: Collection[int] | None = None,
+    ) -> Summary:
+        """Recover, then run the unfinished windows of ``apps`` to the end: every one, or with
+        ``start``/``end`` only those overlapping ``[start, end)``, or with ``only`` only the
+        windows of those ids (``retry``); a leftover elsewhere waits for a run that asks."""
         began = self.clock()
         self._tallies.clear()
         self.summary = Summary()
         names = [a.name for a in apps]
         try:
-            work = await self._prepare(names)
+            work = await self._prepare(names, start, end, only)
             a = self.settings.api
             workers = a.max_in_flight + a.downloads_at_once + a.conversions_at_once
             await run_pool(work, Worker(self._context).handle, workers=workers)
@@ -187,10 +196,16 @@ class Engine(Requeue):
             self._summarise(self.clock() - began)
         return self.summary
 
-    async def _prepare(self, names: list[str]) -> list[WindowRecord]:
+    async def _prepare(
+        self, names: list[str], start: int | None, end: int | None, only: Collection[int] | None
+    ) -> list[WindowRecord]:
         (await commit.recover(self.ledger, self.store)).log()
         work = await self.ledger.windows(apps=names, states=UNFINISHED)
         keep = {(r.id, r.attempt) for r in work if r.state is S.DOWNLOADED}
+        work = [
+            r for r in work
+            if overlaps(r.window, start, end) and (only is None or r.id in only)
+        ]  # fmt: skip
         await anyio.to_thread.run_sync(self.store.sweep_downloads, keep, names)
         work.sort(key=lambda r: (r.window.start, r.window.app))
         self.sizes.know({name: await self.ledger.learned_size(name) for name in names})

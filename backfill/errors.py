@@ -4,6 +4,7 @@ The class decides what happens next, never the message text::
 
     BackfillError
     ├── ConfigError                  bad configuration or usage: nothing starts (exit 2)
+    ├── LockedError                  another run holds the ledger: nothing starts (exit 6)
     ├── Stopped                      the work was asked to stop at once: nothing of it is kept
     ├── FatalError                   stop the whole run
     │   ├── AuthError                the API refused the token (exit 3)
@@ -47,6 +48,7 @@ __all__ = [
     "IntegrityError",
     "LedgerError",
     "LinkExpiredError",
+    "LockedError",
     "RateLimitedError",
     "RequestFailedError",
     "RequestRejectedError",
@@ -80,6 +82,16 @@ class BackfillError(Exception):
 
 class ConfigError(BackfillError):
     """Configuration or usage is wrong; the message names the file, key, value and expectation."""
+
+
+class LockedError(BackfillError):
+    """Another run holds the ledger's run lock (``pid``: its process id, if it wrote one).
+
+    Nothing started and nothing is wrong: wait for it (``--wait``) or run again later."""
+
+    def __init__(self, message: str, *, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class Stopped(BackfillError):

@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from backfill.config import AppSettings, Settings
+    from backfill.models import Window, WindowRecord
     from backfill.ports import LedgerPort
 
-__all__ = ["Requeue"]
+__all__ = ["Requeue", "overlaps"]
 
 S = WindowState
 
@@ -73,16 +74,33 @@ class Requeue:
         *,
         heal: bool = False,
     ) -> int:
-        """Send the FAILED windows of ``apps`` (in ``[start, end)``) back to PENDING: all of them
-        (the ``retry`` command), or with ``heal`` the retryable ones that failed fewer than
-        ``[windows].heal_runs`` times (what ``run`` and ``sync`` take back on their own)."""
-        count, limit = 0, self.settings.windows.heal_runs
+        """``take_failed``, counted."""
+        return len(await self.take_failed(apps, start, end, heal=heal))
+
+    async def take_failed(
+        self,
+        apps: Iterable[AppSettings],
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        heal: bool = False,
+    ) -> list[WindowRecord]:
+        """Send the FAILED windows of ``apps`` (overlapping ``[start, end)``) back to PENDING: all
+        of them (the ``retry`` command), or with ``heal`` the retryable ones that failed fewer
+        than ``[windows].heal_runs`` times (what ``run`` and ``sync`` take back on their own).
+        Returns them as they were (FAILED, oldest first): exactly the windows sent back."""
+        taken, limit = [], self.settings.windows.heal_runs
         for r in await self.ledger.windows(apps=[a.name for a in apps], states=[S.FAILED]):
-            outside = (start is not None and r.window.end <= start) or (
-                end is not None and r.window.start >= end
-            )
-            if outside or (heal and not (r.retryable and r.failures < limit)):
+            if not overlaps(r.window, start, end):
+                continue
+            if heal and not (r.retryable and r.failures < limit):
                 continue
             await self.ledger.retry(r)
-            count += 1
-        return count
+            taken.append(r)
+        taken.sort(key=lambda r: (r.window.start, r.window.app))
+        return taken
+
+
+def overlaps(window: Window, start: int | None, end: int | None) -> bool:
+    """Whether ``window`` overlaps ``[start, end)``; an open bound (None) reaches everything."""
+    return (start is None or window.end > start) and (end is None or window.start < end)

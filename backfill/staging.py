@@ -50,6 +50,19 @@ _DICTIONARY = [
 _STATISTICS = [f.name for f in SCHEMA if f.name not in MAPS]
 
 
+def _label(start_ms: int, end_ms: int) -> str:
+    """The window as messages name it (``Window.label``); an open bound (``convert`` scans a
+    file against any instant) as ``..``."""
+
+    def bound(ms: int) -> str:
+        try:
+            return iso(ms)
+        except (ValueError, OverflowError, OSError):  # beyond the calendar: open
+            return ".."
+
+    return f"{bound(start_ms)}/{bound(end_ms)}"
+
+
 def stage(
     layout: Layout,
     limits: Limits,
@@ -70,7 +83,7 @@ def stage(
     outside ``_staging/`` (and ``_rejects/``) is touched, and a failed stage leaves no staged
     files.
     """
-    where: dict[str, str | None] = {"app": app, "window": f"{start_ms}/{end_ms}"}
+    where: dict[str, str | None] = {"app": app, "window": _label(start_ms, end_ms)}
     stage_dir = layout.stage_dir(app, window_id, attempt)
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)

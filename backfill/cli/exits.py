@@ -11,7 +11,7 @@ import sys
 from typing import Final
 
 from backfill import logs
-from backfill.errors import AuthError, ConfigError, IntegrityError
+from backfill.errors import AuthError, ConfigError, IntegrityError, LockedError
 
 __all__ = [
     "BY_STANDING",
@@ -20,6 +20,7 @@ __all__ = [
     "EXIT_FAILED_WINDOWS",
     "EXIT_INTEGRITY",
     "EXIT_INTERRUPTED",
+    "EXIT_LOCKED",
     "EXIT_OK",
     "EXIT_TRANSIENT",
     "EXIT_USAGE",
@@ -32,6 +33,7 @@ EXIT_USAGE: Final = 2
 EXIT_AUTH: Final = 3
 EXIT_FAILED_WINDOWS: Final = 4
 EXIT_INTEGRITY: Final = 5
+EXIT_LOCKED: Final = 6
 EXIT_TRANSIENT: Final = 75
 EXIT_INTERRUPTED: Final = 130
 
@@ -41,6 +43,7 @@ EXIT_CODES: Final = f"""exit codes:
   {EXIT_AUTH}    authentication refused by the API
   {EXIT_FAILED_WINDOWS}    finished, but some windows FAILED (`backfill status`; `backfill retry`)
   {EXIT_INTEGRITY}    ledger or integrity problem (see `backfill verify`)
+  {EXIT_LOCKED}    another run holds the ledger; nothing started (`--wait` queues behind it)
   {EXIT_TRANSIENT}   transient failures exhausted; safe to re-run
   {EXIT_INTERRUPTED}  interrupted after a clean drain; run again to resume
 """
@@ -85,4 +88,6 @@ def _classify(exc: Exception, usage: bool) -> tuple[int, str]:
         return EXIT_AUTH, f"; check the token ({_TOKEN_HINT})"
     if isinstance(exc, IntegrityError):
         return EXIT_INTEGRITY, ""
+    if isinstance(exc, LockedError):
+        return EXIT_LOCKED, ""
     return EXIT_TRANSIENT, ""

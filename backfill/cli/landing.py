@@ -55,7 +55,7 @@ async def convert(args: argparse.Namespace, store: LocalStore, ledger_path: Path
     without ``--replace``, and ``BadDataError`` for a file that does not convert.
     """
     app = args.app
-    with session.exclusive_at(ledger_path):
+    with session.exclusive_at(ledger_path, wait=getattr(args, "wait", None)):
         async with session.open_ledger_at(ledger_path) as ledger:
             await commit.recover(ledger, store)
             scan = await anyio.to_thread.run_sync(_scan, store, app, args.file)

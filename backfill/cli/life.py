@@ -74,7 +74,7 @@ async def refresh(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return await runs.drive(
         settings, token, apps, prepare, args.quiet, args.progress_interval,
         refreshing=apps[0].name, accept_shrink=args.accept_shrink, finished=finished,
-        monitor=monitor,
+        monitor=monitor, wait=args.wait,
     )  # fmt: skip
 
 

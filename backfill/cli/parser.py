@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -122,6 +123,29 @@ GROUPS: dict[Group, tuple[Arg, ...]] = {
 }
 
 
+def _seconds(text: str) -> float:
+    """``--wait``'s value: seconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 3600)")
+    return value
+
+
+# Queue behind a run holding the ledger (exit 6 without it); bare: as long as it takes.
+_WAIT = _arg(
+    "--wait",
+    nargs="?",
+    const=math.inf,
+    type=_seconds,
+    metavar="SECONDS",
+    help="if another run holds the ledger, wait for it (at most SECONDS; default: as long as it "
+    "takes) instead of exiting 6",
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Command:
     """One subcommand as ``--help`` shows it: texts, shared groups, its own arguments."""
@@ -165,6 +189,7 @@ COMMANDS: tuple[Command, ...] = (
         "kept, requests still processing at Flurry are picked up again, nothing is duplicated.",
         example="backfill run --start 2025-01-01 --end 2026-01-01 --app puzzle-quest",
         groups=(Group.BASE, Group.APPS, Group.SPAN, Group.TUNING, Group.MONITOR),
+        args=(_WAIT,),
     ),
     Command(
         name="sync",
@@ -175,6 +200,7 @@ COMMANDS: tuple[Command, ...] = (
         "window covers yet.  Run it from cron or a systemd timer.",
         example="backfill sync --config /etc/backfill.toml",
         groups=(Group.BASE, Group.APPS, Group.TUNING, Group.MONITOR),
+        args=(_WAIT,),
     ),
     Command(
         name="retry",
@@ -182,6 +208,7 @@ COMMANDS: tuple[Command, ...] = (
         description="Send every FAILED window (of the chosen apps) back to the queue and run them.",
         example="backfill retry --app puzzle-quest",
         groups=(Group.BASE, Group.APPS, Group.TUNING, Group.MONITOR),
+        args=(_WAIT,),
     ),
     Command(
         name="refresh",
@@ -208,6 +235,7 @@ COMMANDS: tuple[Command, ...] = (
                 action="store_true",
                 help="accept a re-pull with far fewer rows than the files it replaces",
             ),
+            _WAIT,
         ),
     ),
     Command(
@@ -285,6 +313,7 @@ COMMANDS: tuple[Command, ...] = (
                 help="fail on the first row that breaks the schema (default), or set such rows "
                 "aside in OUT/_rejects/",
             ),
+            _WAIT,
         ),
     ),
     Command(

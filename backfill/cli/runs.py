@@ -9,10 +9,12 @@ record (``--summary-json``), the ``run.summary.done`` log line, the metrics file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
@@ -20,17 +22,18 @@ import anyio
 from backfill import api, config, logs
 from backfill.api_flows import preparing_retry, preparing_run, preparing_sync
 from backfill.cli import session
+from backfill.cli.eta import Remaining
 from backfill.cli.inspection import print_status
 from backfill.errors import BackfillError
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Mapping
-    from pathlib import Path
+    from collections.abc import Mapping, Sequence
 
     from backfill.api_flows import Finished, Prepare
     from backfill.config import AppSettings, Settings
     from backfill.engine import Engine
+    from backfill.models import WindowRecord
 
 __all__ = ["Monitor", "demo", "drive", "retry", "run", "sync"]
 
@@ -42,7 +45,7 @@ async def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     monitor = Monitor.of(args, settings)
     prepare = preparing_run(apps, args.start, args.end, monitor.say)
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
-                       monitor=monitor)  # fmt: skip
+                       monitor=monitor, wait=args.wait)  # fmt: skip
 
 
 async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -51,16 +54,18 @@ async def sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     monitor = Monitor.of(args, settings)
     prepare = preparing_sync(apps, monitor.say)
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
-                       monitor=monitor)  # fmt: skip
+                       monitor=monitor, wait=args.wait)  # fmt: skip
 
 
 async def retry(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """``backfill retry``: the FAILED windows of the chosen apps, queued and run again."""
+    """``backfill retry``: the FAILED windows of the chosen apps, listed, queued and run again:
+    those and nothing else (a window pending for another reason waits for ``run``/``sync``)."""
     settings, apps, token = session.prologue(args, env)
     monitor = Monitor.of(args, settings, info_out=sys.stdout)
-    prepare = preparing_retry(apps, monitor.say)
+    taken: list[WindowRecord] = []
+    prepare = preparing_retry(apps, monitor.say, taken)
     return await drive(settings, token, apps, prepare, args.quiet, args.progress_interval,
-                       monitor=monitor)  # fmt: skip
+                       monitor=monitor, wait=args.wait, only=taken)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +137,10 @@ async def demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     path = args.config or session.demo_config()
     settings = config.load(path)
+    if args.config is None:  # the shipped config lives in the package: land in ./data/demo
+        settings = dataclasses.replace(
+            settings, output=dataclasses.replace(settings.output, root=_DEMO_ROOT)
+        )
     sim = simulator.load(path)
     apps = list(settings.apps)
     assert settings.api.token_env is not None
@@ -162,6 +171,9 @@ async def demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return code
 
 
+_DEMO_ROOT = Path("data/demo")  # under the working directory, as `make demo` promises
+
+
 async def drive(
     settings: Settings,
     token: str,
@@ -174,17 +186,24 @@ async def drive(
     accept_shrink: bool = False,
     finished: Finished | None = None,
     monitor: Monitor | None = None,
+    wait: float | None = None,
+    only: Sequence[WindowRecord] | None = None,
 ) -> int:
     """``api.execute`` under signals with the progress view; the end reported (``Monitor``).
 
-    A fatal error still writes the metrics file (its exit code) before it ends the command.
+    ``wait`` (``--wait``) queues behind a run holding the ledger; ``only`` (``retry``'s, filled
+    by ``prepare``) is exactly the windows to run.  The view's ETA follows the span of data
+    left (``Remaining``), so that splits do not move it.  A fatal error still writes
+    the metrics file (its exit code) before it ends the command.
     """
     from backfill.cli.exits import code_of
 
     monitor = monitor or Monitor()
 
+    remaining = Remaining()
+
     async def progress(engine: Engine) -> None:
-        await _progress(engine, interval)
+        await _progress(engine, interval, remaining)
 
     options = api.Options(
         signals=True,
@@ -192,6 +211,9 @@ async def drive(
         refreshing=refreshing,
         accept_shrink=accept_shrink,
         finished=finished,
+        wait=wait,
+        listeners=(remaining,),
+        only=only,
     )
     try:
         result = await api.execute(
@@ -204,8 +226,9 @@ async def drive(
     return result.exit_code
 
 
-async def _progress(engine: Engine, interval: float) -> None:
-    """A live table on a terminal; elsewhere a ``run.progress`` log line every ``interval`` s."""
+async def _progress(engine: Engine, interval: float, remaining: Remaining) -> None:
+    """A live table on a terminal; elsewhere a ``run.progress`` log line every ``interval`` s.
+    The ETA is ``remaining``'s: by the span of data left, so that splits do not move it."""
     began = time.monotonic()
     if sys.stderr.isatty():
         from rich.console import Console
@@ -213,7 +236,7 @@ async def _progress(engine: Engine, interval: float) -> None:
 
         with Live(console=Console(stderr=True), refresh_per_second=2) as live:
             while True:
-                live.update(_progress_table(engine, time.monotonic() - began))
+                live.update(_progress_table(engine, remaining, time.monotonic() - began))
                 await anyio.sleep(0.5)
     log = logs.get("cli")
     while True:
@@ -227,15 +250,11 @@ async def _progress(engine: Engine, interval: float) -> None:
             rows=totals.rows,
             bytes=totals.bytes,
             processing=engine.processing,
-            eta_s=_eta(time.monotonic() - began, totals.committed + totals.failed, totals.planned),
+            eta_s=remaining.eta(time.monotonic() - began),
         )
 
 
-def _eta(elapsed: float, done: int, total: int) -> int | None:
-    return round(elapsed / done * (total - done)) if done else None
-
-
-def _progress_table(engine: Engine, elapsed: float) -> Any:
+def _progress_table(engine: Engine, remaining: Remaining, elapsed: float) -> Any:
     from rich.table import Table
 
     table = Table(
@@ -244,7 +263,7 @@ def _progress_table(engine: Engine, elapsed: float) -> Any:
     for column in ("app", "windows", "failed", "rows", "bytes", "eta"):
         table.add_column(column, justify="left" if column == "app" else "right")
     for name, t in sorted(engine.tallies.items()):
-        eta = _eta(elapsed, t.committed + t.failed, t.planned)
+        eta = remaining.eta(elapsed, name)
         table.add_row(
             name,
             f"{t.committed}/{t.planned}",

@@ -10,12 +10,13 @@ import contextlib
 import fcntl
 import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from backfill import config, logs
-from backfill.errors import ConfigError, IntegrityError
+from backfill.errors import ConfigError, LockedError
 
 if TYPE_CHECKING:
     import argparse
@@ -113,31 +114,25 @@ def day(ms: int) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(settings: Settings) -> Iterator[None]:
+def exclusive(settings: Settings, *, wait: float | None = None) -> Iterator[None]:
     """One run per ledger: a second one refuses clearly instead of sharing windows.
 
     The lock is an ``flock`` on ``{ledger}.lock``, which holds the pid of the run holding it;
     the kernel releases it when that process dies, so a killed run never leaves it stale.
+    ``wait`` (``--wait``) is how long to queue behind the holder (``math.inf``: as long as it
+    takes); without it, or when it runs out, a held lock is a ``LockedError`` naming the pid.
     """
-    with exclusive_at(settings.ledger_path):
+    with exclusive_at(settings.ledger_path, wait=wait):
         yield
 
 
 @contextlib.contextmanager
-def exclusive_at(ledger_path: Path) -> Iterator[None]:
+def exclusive_at(ledger_path: Path, *, wait: float | None = None) -> Iterator[None]:
     """The run lock of the ledger at ``ledger_path`` (see ``exclusive``)."""
     path = ledger_path.with_name(ledger_path.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            raise IntegrityError(
-                f"{ledger_path}: another backfill run (pid {holder}) is using this "
-                "ledger; wait for it or stop it"
-            ) from None
+        _acquire(handle, ledger_path, wait)
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
@@ -146,6 +141,49 @@ def exclusive_at(ledger_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_POLL_S = 0.2  # how often a waiting run tries the lock again (flock cannot time out by itself)
+
+
+def _acquire(handle: TextIO, ledger_path: Path, wait: float | None) -> None:
+    """Take the lock on ``handle``: at once, or within ``wait`` seconds, saying once (on
+    stderr) which pid it waits for; else ``LockedError``.  Polling, not a blocking ``flock``,
+    so that a wait can end, and Ctrl-C ends it at once."""
+    deadline = None if wait is None else time.monotonic() + wait
+    announced = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pid = _holder(handle)
+        shown = "?" if pid is None else str(pid)
+        if deadline is None:
+            raise LockedError(
+                f"{ledger_path}: another backfill run (pid {shown}) is using this ledger; "
+                "wait for it (--wait) or stop it",
+                pid=pid,
+            )
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LockedError(
+                f"{ledger_path}: another backfill run (pid {shown}) still holds this ledger "
+                f"after waiting {wait:g} s",
+                pid=pid,
+            )
+        if not announced:
+            print(f"backfill: waiting for pid {shown} to finish with {ledger_path}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            announced = True
+        time.sleep(min(_POLL_S, left))
+
+
+def _holder(handle: TextIO) -> int | None:
+    """The pid the lock file holds (None before the holder wrote it)."""
+    handle.seek(0)
+    text = handle.read().strip()
+    return int(text) if text.isdigit() else None
 
 
 @contextlib.asynccontextmanager
