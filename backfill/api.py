@@ -238,7 +238,7 @@ def _open(
     """The config, the chosen apps and the token (registered for redaction)."""
     settings = config.load(Path(config_path))
     for warning in settings.warnings:
-        logs.get("api").warning("config.warning", warning=warning)
+        logs.get("api").warning("config.load.warning", warning=warning)
     chosen = _chosen(settings, apps)
     token = token if token is not None else config.read_token(settings, os.environ)
     logs.register_secret(token)
