@@ -89,7 +89,10 @@ async def test_check_opens_an_existing_ledger(tmp_path: Path) -> None:
         assert code == 0, err
         code, out, err = await cli("check", "--config", str(config))
     assert code == 0, out + err
-    assert _lines(out)["ledger"] == f"ok: {tmp_path / 'out' / '_ledger.sqlite'} (opens; schema current)"
+    assert (
+        _lines(out)["ledger"]
+        == f"ok: {tmp_path / 'out' / '_ledger.sqlite'} (opens; schema current)"
+    )
 
 
 async def test_check_with_a_refused_token_exits_3_naming_where_the_token_comes_from(
@@ -149,7 +152,7 @@ async def test_a_refused_app_key_fails_that_app_alone_after_one_post(tmp_path: P
     _exact(root, MEDIUM)
     typo = [(state, error) for app, state, error in _windows(root) if app == "typo"]
     assert len(typo) > 1 and all(state == "FAILED" for state, _ in typo)
-    assert all("the API refused the key of app 'typo' (401)" in error for _, error in typo)
+    assert all("the API refused the key of app 'typo' (401)" in (error or "") for _, error in typo)
     assert "failed:  typo" in out and "refused the key of app 'typo'" in out
     posts = [c for c in log if c["kind"] == "submit" and c["api_key"] == TYPO.api_key]
     assert [c["status"] for c in posts] == [401], "one POST with the bad key, no more"
