@@ -119,15 +119,19 @@ async def execute(
     The run lock is taken first: held by another run, it is a ``LockedError``, or with
     ``options.wait`` a wait of that many seconds at most.  Before ``prepare``, the apps'
     recorded settings are checked against the config (a refusal is a ``ConfigError``: nothing
-    planned, nothing submitted) and recorded where missing (but for ``options.refreshing``,
-    recorded by ``options.finished``).  The engine takes the unfinished windows overlapping
-    the range ``prepare`` returns, or exactly ``options.only`` once ``prepare`` filled it; the
-    exit code is how those (and the windows split from them) stand afterwards.  A fatal error
-    (a refused token, ledger trouble) is raised as itself, never as an exception group.
+    planned, nothing submitted, no call made), the API is probed (``cli.check.preflight``:
+    unreachable, ``TransportError``; token refused, ``AuthError``: nothing planned or
+    submitted; a token proven good lets a refused app key fail that app alone) and the
+    settings are recorded where missing (but for ``options.refreshing``, recorded by
+    ``options.finished``).  The engine takes the unfinished windows overlapping the range
+    ``prepare`` returns, or exactly ``options.only`` once ``prepare`` filled it; the exit code
+    is how those (and the windows split from them) stand afterwards.  A fatal error (a refused
+    token, ledger trouble) is raised as itself, never as an exception group.
     """
     # The run lock, the ledger opener, the settings guard and the exit codes are the command
     # line's; the layers contract lets this module, and only it, use them.
     from backfill.cli import recorded, session
+    from backfill.cli.check import preflight
     from backfill.cli.exits import BY_STANDING, EXIT_OK
     from backfill.client import FlurryClient, Secret, Timeouts
     from backfill.engine import Engine
@@ -143,6 +147,7 @@ async def execute(
             FlurryClient(base_url=a.base_url, token=Secret(token), timeouts=timeouts) as client,
         ):
             await recorded.check(ledger, apps, refreshing=options.refreshing)
+            token_checked = await preflight(settings, token)  # unreachable, refused: nothing starts
             await recorded.record(ledger, [x for x in apps if x.name != options.refreshing])
             halt = threading.Event()  # the second signal: conversions under way give up too
             store = LocalStore(
@@ -151,6 +156,7 @@ async def execute(
             engine = Engine(
                 settings=settings, ledger=ledger, store=store, api=client,
                 accept_shrink=options.accept_shrink, listeners=options.listeners,
+                token_checked=token_checked,
             )  # fmt: skip
             start, end = await prepare(engine)
             only = options.only

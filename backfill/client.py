@@ -234,6 +234,14 @@ class FlurryClient:
                 status, headers, raw, request_id=request_id, app=window.app, window=window.label
             )
 
+    async def probe(self) -> int:
+        """GET the status of an id that cannot exist (``rawData/0``): starts no report, counts
+        no call.  Returns the HTTP status (404: the token is good; 401/403: refused); raises
+        ``TransportError`` when the API does not answer.  One try: the caller retries."""
+        with _scrubbed():
+            status, _, _ = await self._call("GET", f"{self.base_url}/rawData/0", {})
+        return status
+
     # -- download --------------------------------------------------------------------------
 
     async def download(self, url: str, target: Path, *, window: Window, request_id: str) -> int:

@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 
 from backfill import commit, planner
+from backfill.appkeys import AppKeys
 from backfill.budget import Budget
 from backfill.errors import first_of
 from backfill.events import AppTally, Summary, Tallies, WindowEvent, log_events
@@ -57,6 +58,7 @@ class Engine(Requeue):
         rng: random.Random | None = None,
         listeners: Iterable[Callable[[WindowEvent], None]] = (),
         accept_shrink: bool = False,
+        token_checked: bool = False,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -100,6 +102,7 @@ class Engine(Requeue):
             clock=monotonic,
             rng=rng or random.Random(),
             tz=self.tz,
+            keys=AppKeys() if token_checked else None,  # a 401 at a POST: that app's key
         )
         self.summary = Summary()
 

@@ -13,6 +13,7 @@ started finish.  Counts leave only as events.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Awaitable, Callable
 
+    from backfill.appkeys import AppKeys
     from backfill.budget import Budget, Slot
     from backfill.config import Settings
     from backfill.models import Changes, WindowRecord
@@ -87,6 +89,7 @@ class Context:
     clock: Callable[[], float]
     rng: random.Random
     tz: dt.tzinfo
+    keys: AppKeys | None = None  # the token was probed: a 401 at a POST fails that app alone
 
 
 class Worker:
@@ -241,7 +244,7 @@ class Worker:
             turn.error = exc
             return _outcome_of(exc, after=Effect.SUBMIT if effect is Effect.RESUBMIT
                                         else effect)  # fmt: skip
-        except Stopped:  # a conversion gave up at once (a second signal): left as it was
+        except Stopped:  # a conversion gave up at once (a second signal), a POST unsent: as it was
             return Outcome(event=Event.STOPPING)
         except FatalError:  # the disk, the ledger: no window can go on
             raise
@@ -264,13 +267,16 @@ class Worker:
         if await self._until_stop(budget.pacer.wait) is STOPPED or self.c.stopping.is_set():
             return Outcome(event=Event.STOPPING)  # from the signal on, no new request
         app = self.c.settings.app(window.app)
-        turn.request_id = await self.c.api.submit(
+        post = functools.partial(
+            self.c.api.submit,
             window,
             api_key=app.api_key,
             output_format=self.c.settings.api.format,
             app_versions=app.app_versions,
             event_ids=app.event_ids,
         )
+        keys, stopping = self.c.keys, self.c.stopping
+        turn.request_id = await (post() if keys is None else keys.submit(window, post, stopping))
         self.c.sizes.submitted(window)
         turn.accepted_at, turn.pending_s, turn.url = self.c.clock(), 0.0, None
         return Outcome(event=Event.ACCEPTED)

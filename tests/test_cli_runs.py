@@ -223,9 +223,12 @@ async def test_a_failed_night_heals_on_the_next_and_stops_healing_after_heal_run
     tmp_path: Path,
 ) -> None:
     fast = "backoff_base_s = 0.01\nmax_attempts = 1"
-    dead = "http://127.0.0.1:9/pulse/v1"  # nothing listens there: every call is refused
-    config = str(write_config(tmp_path, dead, history_days=5, extra_api=fast))
-    code, _, _ = await cli("sync", "--config", config, "--quiet")
+    # Every call answers 5xx (an unreachable API never gets this far: the preflight exits 75
+    # before planning, tests/test_check.py); the probe's 5xx proves nothing, so the run goes on.
+    broken = sim_settings(faults=Faults(server_error=1.0))
+    async with simulator_process(broken, tmp_path) as (dead, _):
+        config = str(write_config(tmp_path, dead, history_days=5, extra_api=fast))
+        code, _, _ = await cli("sync", "--config", config, "--quiet")
     assert code == 75, "a failed night is transient: safe to re-run"
     ledger = sqlite3.connect(tmp_path / "out" / "_ledger.sqlite")
     failed = ledger.execute("SELECT count(*) FROM windows WHERE state = 'FAILED'").fetchone()[0]
@@ -233,13 +236,16 @@ async def test_a_failed_night_heals_on_the_next_and_stops_healing_after_heal_run
     async with simulator_process(sim_settings(), tmp_path) as (base, _):
         write_config(tmp_path, base, history_days=5, extra_api=fast)
         code, _, err = await cli("sync", "--config", config, "--quiet")
-    assert code == 0, err
-    assert f"taking back {failed} failed window" in err
-    states = {s for (s,) in ledger.execute("SELECT state FROM windows WHERE state != 'SPLIT'")}
-    assert states == {"COMMITTED"}
-    # A window that keeps failing is taken back heal_runs times, then waits for a person.
-    ledger.execute("UPDATE windows SET state = 'FAILED', retryable = 1, failures = 3 WHERE id = 1")
-    ledger.commit()
-    code, _, err = await cli("sync", "--config", config, "--quiet")
-    assert code == 4 and "taking back" not in err, "after 3 failed runs it stays FAILED"
+        assert code == 0, err
+        assert f"taking back {failed} failed window" in err
+        states = {s for (s,) in ledger.execute("SELECT state FROM windows WHERE state != 'SPLIT'")}
+        assert states == {"COMMITTED"}
+        # A window that keeps failing is taken back heal_runs times, then waits for a person.
+        # (The API is up: against an unreachable one the preflight would exit 75 first.)
+        ledger.execute(
+            "UPDATE windows SET state = 'FAILED', retryable = 1, failures = 3 WHERE id = 1"
+        )
+        ledger.commit()
+        code, _, err = await cli("sync", "--config", config, "--quiet")
+        assert code == 4 and "taking back" not in err, "after 3 failed runs it stays FAILED"
     ledger.close()

@@ -4,9 +4,9 @@ The package is the edge: ``main`` is the one place that reads ``os.environ`` (ha
 commands as ``env``: the config path, the token variable, the crash-test seams) and builds
 sessions, connections and paths for the engine.  Its rooms: ``parser`` (the table of commands),
 ``exits`` (the exit codes and their text), ``session`` (config, apps, token, ledger, run lock),
-``runs`` (run, sync, retry, demo), ``life`` (refresh, forget), ``recorded`` (the settings
-guard), ``inspection`` (plan, status, verify), ``tools`` (convert, simulate) and ``landing``
-(convert into a managed root).
+``runs`` (run, sync, retry, demo), ``check`` (the preflight and ``backfill check``), ``life``
+(refresh, forget), ``recorded`` (the settings guard), ``inspection`` (plan, status, verify),
+``tools`` (convert, simulate) and ``landing`` (convert into a managed root).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from backfill import logs
-from backfill.cli import exits, inspection, life, parser, runs, tools
+from backfill.cli import check, exits, inspection, life, parser, runs, tools
 from backfill.cli.exits import EXIT_CODES
 from backfill.errors import BackfillError, first_of
 
@@ -46,6 +46,7 @@ HANDLERS: dict[str, _Handler] = {
     "convert": tools.convert,
     "simulate": tools.simulate,
     "demo": runs.demo,
+    "check": check.check,
 }
 
 # The commands that show a live progress table on a terminal.

@@ -253,6 +253,18 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        name="check",
+        summary="check the config, the output root, the ledger and the token (one cheap call)",
+        description="Check, one line each: the config parses; the output root and the ledger's "
+        "folder are writable; the ledger opens (and is migrated); the API answers and accepts "
+        "the token, asked for the status of a request that cannot exist (it starts no report). "
+        "run, sync, retry and refresh make the same call first: an unreachable API or a refused "
+        "token ends them before anything is submitted.  Exit codes: 0 all ok, 2 config or root, "
+        "3 token refused, 5 ledger, 75 API unreachable.",
+        example="backfill check --config /etc/backfill.toml",
+        groups=(Group.BASE,),
+    ),
+    Command(
         name="status",
         summary="coverage per app: a calendar of the days with rows, gaps, failures",
         description="Per app: windows committed/failed/pending/split, rows and bytes landed, "
