@@ -150,9 +150,8 @@ async def execute(
             token_checked = await preflight(settings, token)  # unreachable, refused: nothing starts
             await recorded.record(ledger, [x for x in apps if x.name != options.refreshing])
             halt = threading.Event()  # the second signal: conversions under way give up too
-            store = LocalStore(
-                settings.output.root, on_bad_rows=settings.output.on_bad_rows, stop=halt
-            )
+            out = settings.output
+            store = LocalStore(out.root, on_bad_rows=out.on_bad_rows, stop=halt)
             engine = Engine(
                 settings=settings, ledger=ledger, store=store, api=client,
                 accept_shrink=options.accept_shrink, listeners=options.listeners,
@@ -161,9 +160,8 @@ async def execute(
             start, end = await prepare(engine)
             only = options.only
             ids = None if only is None else {r.id for r in only}
-            summary = await _drive(
-                engine, lambda: engine.run(apps, start, end, only=ids), options, halt
-            )
+            go = functools.partial(engine.run, apps, start, end, only=ids)
+            summary = await _drive(engine, go, options, halt)
             if summary.fatal is None and not summary.interrupted:
                 ranges = [(x.name, start, end) for x in apps] if only is None else spans(only)
                 stands = await standing(ledger, ranges, settings.windows.heal_runs)
