@@ -200,6 +200,7 @@ async def plan_windows(
     import zoneinfo
 
     from backfill import planner
+    from backfill.audit import planned_windows
     from backfill.ledger import Ledger
 
     w = settings.windows
@@ -211,18 +212,8 @@ async def plan_windows(
     out: list[tuple[str, int, int, str]] = []
     try:
         for app in apps:
-            records = await ledger.windows(apps=[app]) if ledger else []
-            live = [r for r in records if r.state is not WindowState.SPLIT
-                    and r.window.end > lo and r.window.start < hi]  # fmt: skip
-            size = planner.planned_size(
-                w.max_days, await ledger.learned_size(app) if ledger else None
-            )
-            items = [(r.window.start, r.window.end, str(r.state)) for r in live]
-            for a, b in planner.gaps([(r.window.start, r.window.end) for r in live], lo, hi):
-                items += [
-                    (x.start, x.end, "NEW") for x in planner.plan(app, a, b, size_ms=size, tz=tz)
-                ]
-            out += [(app, a, b, state) for a, b, state in sorted(items)]
+            planned = await planned_windows(ledger, app, lo, hi, max_days=w.max_days, tz=tz)
+            out += [(app, a, b, state) for a, b, state in planned]
     finally:
         if ledger is not None:
             await ledger.close()

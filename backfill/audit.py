@@ -25,6 +25,7 @@ __all__ = [
     "Problem",
     "coverage",
     "outcome_of_range",
+    "planned_windows",
     "status",
     "verify",
 ]
@@ -284,6 +285,27 @@ def _overlaps(records: Iterable[WindowRecord], what: str) -> list[Problem]:
             if reach is None or record.window.end > reach.window.end:
                 reach = record
     return out
+
+
+async def planned_windows(
+    ledger: LedgerPort | None, app: str, start: int, end: int, *, max_days: int, tz: dt.tzinfo
+) -> list[tuple[int, int, str]]:
+    """``backfill plan``'s view of one app in ``[start, end)``: the windows the ledger has
+    (with their state), and its gaps planned as a run would plan them (``"NEW"``), in order."""
+    from backfill import planner
+
+    records = await ledger.windows(apps=[app]) if ledger else []
+    live = [
+        r
+        for r in records
+        if r.state is not WindowState.SPLIT and r.window.end > start and r.window.start < end
+    ]
+    learned = await ledger.learned_size(app) if ledger else None
+    size = planner.planned_size(max_days, learned)
+    items = [(r.window.start, r.window.end, str(r.state)) for r in live]
+    for lo, hi in planner.gaps([(r.window.start, r.window.end) for r in live], start, end):
+        items += [(x.start, x.end, "NEW") for x in planner.plan(app, lo, hi, size_ms=size, tz=tz)]
+    return sorted(items)
 
 
 async def outcome_of_range(

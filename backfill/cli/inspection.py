@@ -105,24 +105,11 @@ async def _plan_refresh(
 async def _plan_rows(
     ledger: Ledger | None, app: str, start: int, end: int, *, max_days: int, tz: dt.tzinfo
 ) -> list[dict[str, str]]:
-    """One app's windows in ``[start, end)``: those in the ledger, and its gaps planned NEW."""
-    from backfill import planner
+    """One app's windows in ``[start, end)`` (``audit.planned_windows``), as JSON rows."""
+    from backfill import audit
 
-    records = await ledger.windows(apps=[app]) if ledger else []
-    live = [
-        r
-        for r in records
-        if r.state is not WindowState.SPLIT and r.window.end > start and r.window.start < end
-    ]
-    learned = await ledger.learned_size(app) if ledger else None
-    size = planner.planned_size(max_days, learned)
-    items = [(r.window.start, r.window.end, str(r.state)) for r in live]
-    for lo, hi in planner.gaps([(r.window.start, r.window.end) for r in live], start, end):
-        items += [(x.start, x.end, "NEW") for x in planner.plan(app, lo, hi, size_ms=size, tz=tz)]
-    return [
-        {"app": app, "start": iso(a), "end": iso(b), "state": state}
-        for a, b, state in sorted(items)
-    ]
+    planned = await audit.planned_windows(ledger, app, start, end, max_days=max_days, tz=tz)
+    return [{"app": app, "start": iso(a), "end": iso(b), "state": state} for a, b, state in planned]
 
 
 async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
