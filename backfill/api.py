@@ -371,7 +371,7 @@ async def status_async(
 
     settings = config.load(Path(config_path))
     chosen = _chosen(settings, apps)
-    if not settings.ledger_path.exists():
+    if not settings.ledger_exists():
         return StatusResult(apps=())
     async with session.open_ledger(settings) as ledger:
         report = await audit.status(ledger, [a.name for a in chosen])

@@ -6,11 +6,12 @@ record that ``--summary-json`` prints and the ``run.summary.done`` log line carr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from backfill import logs
+from backfill import ledgers, logs
 from backfill.models import WindowState, iso
 
 if TYPE_CHECKING:
@@ -201,22 +202,22 @@ async def plan_windows(
 
     from backfill import planner
     from backfill.audit import planned_windows
-    from backfill.ledger import Ledger
 
     w = settings.windows
     tz = zoneinfo.ZoneInfo(w.timezone)
     lo, hi, _ = planner.clamp(
         now, start, end, history_days=w.history_days, lag_hours=w.lag_hours, tz=tz
     )
-    ledger = await Ledger.open(settings.ledger_path) if settings.ledger_path.exists() else None
     out: list[tuple[str, int, int, str]] = []
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        ledger = (
+            await stack.enter_async_context(ledgers.opened(settings))
+            if settings.ledger_exists()
+            else None
+        )
         for app in apps:
             planned = await planned_windows(ledger, app, lo, hi, max_days=w.max_days, tz=tz)
             out += [(app, a, b, state) for a, b, state in planned]
-    finally:
-        if ledger is not None:
-            await ledger.close()
     return PlanResult(
         windows=tuple(
             PlannedWindow(app=app, start=iso(a), end=iso(b), state=s) for app, a, b, s in out

@@ -25,7 +25,7 @@ import anyio
 import anyio.to_thread
 
 from backfill import logs
-from backfill.errors import ShrinkError, StorageError
+from backfill.errors import ShrinkError, StaleAttemptError, StorageError
 from backfill.models import WindowRecord, WindowState
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from backfill.models import Changes
     from backfill.ports import LedgerPort, StorePort
 
-__all__ = ["Recovery", "land", "land_group", "recover"]
+__all__ = ["Recovery", "land", "land_group", "recover", "sweep"]
 
 S = WindowState
 
@@ -80,9 +80,17 @@ async def land(
             await anyio.to_thread.run_sync(store.remove, manifest)
             raise
         with anyio.CancelScope(shield=True):
-            record = await ledger.advance(record, S.STAGED)
+            try:
+                record = await ledger.advance(record, S.STAGED)
+            except StaleAttemptError:
+                await anyio.to_thread.run_sync(store.remove, manifest)
+                raise
             path = await anyio.to_thread.run_sync(store.publish, manifest)
-            record = await _commit(ledger, store, record, manifest, path)
+            try:
+                record = await _commit(ledger, store, record, manifest, path)
+            except StaleAttemptError:  # taken over: this attempt's files are no one's
+                await anyio.to_thread.run_sync(store.remove, manifest)
+                raise
     except OSError as exc:  # disk full, permissions: no window can land until it is fixed
         raise StorageError(f"cannot write under {store.root}: {exc.strerror or exc}") from exc
     return record
@@ -131,11 +139,16 @@ async def _swap(
     records: list[WindowRecord],
     manifests: list[Manifest],
 ) -> list[WindowRecord]:
-    staged = [await ledger.advance(r, S.STAGED) for r in records]
-    paths = [await anyio.to_thread.run_sync(store.intend, m) for m in manifests]
-    for manifest in manifests:
-        await anyio.to_thread.run_sync(store.finish, manifest)
-    return await _commit_group(ledger, store, root, staged, manifests, paths)
+    try:
+        staged = [await ledger.advance(r, S.STAGED) for r in records]
+        paths = [await anyio.to_thread.run_sync(store.intend, m) for m in manifests]
+        for manifest in manifests:
+            await anyio.to_thread.run_sync(store.finish, manifest)
+        return await _commit_group(ledger, store, root, staged, manifests, paths)
+    except StaleAttemptError:  # taken over: these attempts' files are no one's
+        for manifest in manifests:
+            await anyio.to_thread.run_sync(store.remove, manifest)
+        raise
 
 
 async def _commit_group(
@@ -202,21 +215,36 @@ async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
     is so, else undone whole.  Any other STAGED window goes back to PENDING with its partial
     output removed.  Then staging is emptied and every event file or manifest that belongs to
     no live attempt is deleted.  Call it before any window runs.
+
+    On a shared ledger a STAGED window is another worker's publish under way, or one a dead
+    worker left, which ``claims`` takes over (a new attempt): only the sweep runs, and
+    staging, which other workers on this machine may be using, is left alone.
     """
     report = Recovery()
-    staged = await ledger.windows(states=[S.STAGED])
-    for record in [r for r in staged if r.replaces is None]:
-        await _recover_one(ledger, store, record, report)
-    for root_id in sorted({r.replaces for r in staged if r.replaces is not None}):
-        await _recover_group(ledger, store, await ledger.get(root_id), report)
-    live = {
-        (r.id, r.committed_attempt)
-        for r in await ledger.windows()
-        if r.committed_attempt is not None
-    }
-    await anyio.to_thread.run_sync(store.discard_staging)
-    report.swept = len(await anyio.to_thread.run_sync(store.sweep, live))
+    if not ledger.shared:
+        staged = await ledger.windows(states=[S.STAGED])
+        for record in [r for r in staged if r.replaces is None]:
+            await _recover_one(ledger, store, record, report)
+        for root_id in sorted({r.replaces for r in staged if r.replaces is not None}):
+            await _recover_group(ledger, store, await ledger.get(root_id), report)
+        await anyio.to_thread.run_sync(store.discard_staging)
+    report.swept = await sweep(ledger, store)
     return report
+
+
+async def sweep(ledger: LedgerPort, store: StorePort) -> int:
+    """Delete every event file and manifest of no live attempt; returns how many.
+
+    Live: the committed attempt of each window, and the current attempt of each STAGED one (a
+    publish under way).  The store is listed before the ledger is read, so a file published
+    while the sweep runs is never taken for an orphan: its window was STAGED before the file
+    appeared, and is STAGED or COMMITTED at that attempt when the ledger is read, or no one's.
+    """
+    listing = await anyio.to_thread.run_sync(store.listing)
+    records = await ledger.windows()
+    live = {(r.id, r.committed_attempt) for r in records if r.committed_attempt is not None}
+    live |= {(r.id, r.attempt) for r in records if r.state is S.STAGED}
+    return len(await anyio.to_thread.run_sync(store.sweep, live, listing))
 
 
 async def _recover_one(

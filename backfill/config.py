@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "parse",
     "check_writable",
+    "masked",
     "read_token",
     "replace_api",
 ]
@@ -96,6 +97,9 @@ class OutputSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LedgerSettings:
     path: Path | None = None  # default: {output.root}/_ledger.sqlite
+    url: str | None = None  # postgresql://...: one ledger many workers share (no password here)
+    password_env: str | None = None  # the variable holding the PostgreSQL password, if any
+    lease_s: float = 60.0  # a worker's hold on a window; another takes it over after this
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +124,15 @@ class Settings:
     @property
     def ledger_path(self) -> Path:
         return self.ledger.path or self.output.root / "_ledger.sqlite"
+
+    @property
+    def ledger_shown(self) -> str:
+        """The ledger as messages show it: its path, or its URL with no password."""
+        return str(self.ledger_path) if self.ledger.url is None else masked(self.ledger.url)
+
+    def ledger_exists(self) -> bool:
+        """Whether there is a ledger to read (a PostgreSQL one always is; it is made on open)."""
+        return self.ledger.url is not None or self.ledger_path.exists()
 
     def app(self, name: str) -> AppSettings:
         for app in self.apps:
@@ -148,6 +161,7 @@ def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
     _check_api(api, policy, source)
     windows, warnings = _check_windows(windows, source)
     _check_output(output, source)
+    _check_ledger(ledger, source)
     return Settings(
         api=api,
         policy=policy,
@@ -230,6 +244,25 @@ def _check_windows(windows: WindowSettings, source: str) -> tuple[WindowSettings
         f"the last 2 years; clamped to {HORIZON_DAYS}"
     )
     return dataclasses.replace(windows, history_days=HORIZON_DAYS), (warning,)
+
+
+def _check_ledger(ledger: LedgerSettings, source: str) -> None:
+    """``[ledger]``: a SQLite ``path`` or a PostgreSQL ``url`` (not both), a sane lease."""
+    if ledger.url is not None:
+        if ledger.path is not None:
+            raise ConfigError(
+                f"{source}: ledger: expected one of path (SQLite) or url (PostgreSQL), not both"
+            )
+        if not ledger.url.startswith(("postgresql://", "postgres://")):
+            raise fail(source, "ledger.url", masked(ledger.url), "a postgresql:// URL")
+    elif ledger.password_env is not None:
+        raise ConfigError(f"{source}: ledger.password_env: only for a PostgreSQL ledger.url")
+    at_least(source, "ledger.lease_s", ledger.lease_s, 1.0)
+
+
+def masked(url: str) -> str:
+    """``url`` with the password (if any) shown as ``***``: the only way a ledger URL is shown."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
 def _check_output(output: OutputSettings, source: str) -> None:
@@ -365,10 +398,10 @@ def read_token(settings: Settings, env: Mapping[str, str]) -> str:
 
 def check_writable(settings: Settings) -> None:
     """The output root and the ledger's folder can be created and written, or ``ConfigError``."""
-    for key, folder in (
-        ("output.root", settings.output.root),
-        ("ledger.path", settings.ledger_path.parent),
-    ):
+    folders = [("output.root", settings.output.root)]
+    if settings.ledger.url is None:
+        folders.append(("ledger.path", settings.ledger_path.parent))
+    for key, folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / f".backfill-write-test-{os.getpid()}"

@@ -7,6 +7,9 @@ table's effects against the ports and returns a split window's children, which t
 too.  Counts reach the summary and the progress view only as events (``events.Tallies``).
 ``stop()`` is the one way to say "stopping": no new submit, waits end, conversions finish.
 Planning (``plan``, ``prepare_sync``, ``requeue_*``) puts windows in the ledger before a run.
+On a ledger many workers share (``ledger.shared``) the pool is fed by ``claims.Claims``
+instead: windows claimed under a lease as the pool has room, the budget counted in the ledger,
+and a last sweep so that what a worker taken over had published is gone when the run ends.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 import zoneinfo
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.to_thread
@@ -22,6 +25,7 @@ import anyio.to_thread
 from backfill import commit, planner
 from backfill.appkeys import AppKeys
 from backfill.budget import Budget
+from backfill.claims import Claims
 from backfill.errors import first_of
 from backfill.events import AppTally, Summary, Tallies, WindowEvent, log_events
 from backfill.models import DAY_MS, UNFINISHED, WindowState
@@ -32,11 +36,11 @@ from backfill.sizing import Sizes
 from backfill.worker import Context, Worker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Iterable
+    from collections.abc import AsyncIterator, Callable, Collection, Iterable
 
     from backfill.config import AppSettings, Settings
     from backfill.models import WindowRecord
-    from backfill.ports import Api, LedgerPort, StorePort
+    from backfill.ports import Api, LedgerPort, SharedLedger, StorePort
 
 __all__ = ["AppTally", "Engine", "Summary"]
 
@@ -83,6 +87,8 @@ class Engine(Requeue):
             downloads_at_once=a.downloads_at_once,
             conversions_at_once=a.conversions_at_once,
             clock=monotonic,
+            shared=cast("SharedLedger", ledger) if ledger.shared else None,
+            lease_ms=int(settings.ledger.lease_s * 1000),
         )
         self.sizes = Sizes(max_days=settings.windows.max_days)
         self._context = Context(
@@ -183,11 +189,14 @@ class Engine(Requeue):
         self._tallies.clear()
         self.summary = Summary()
         names = [a.name for a in apps]
+        a = self.settings.api
+        workers = a.max_in_flight + a.downloads_at_once + a.conversions_at_once
         try:
-            work = await self._prepare(names, start, end, only)
-            a = self.settings.api
-            workers = a.max_in_flight + a.downloads_at_once + a.conversions_at_once
-            await run_pool(work, Worker(self._context).handle, workers=workers)
+            if self.ledger.shared:
+                await self._run_shared(names, start, end, only, workers)
+            else:
+                work = await self._prepare(names, start, end, only)
+                await run_pool(work, Worker(self._context).handle, workers=workers)
         except BaseExceptionGroup as group:
             # A fatal error (401, ledger trouble, a full disk) ended the pool: raise it as itself.
             fatal = first_of(group)
@@ -215,6 +224,35 @@ class Engine(Requeue):
         for record in work:
             self._emit(WindowEvent(name="window.queued", record=record))
         return work
+
+    async def _run_shared(
+        self,
+        names: list[str],
+        start: int | None,
+        end: int | None,
+        only: Collection[int] | None,
+        workers: int,
+    ) -> None:
+        """The pool fed by claims on a shared ledger (see ``claims``), leases kept meanwhile."""
+        ledger = cast("SharedLedger", self.ledger)
+        (await commit.recover(ledger, self.store)).log()
+        self.sizes.know({name: await ledger.learned_size(name) for name in names})
+        claims = Claims(ledger, apps=names, lease_s=self.settings.ledger.lease_s, room=workers,
+                        start=start, end=end, only=only, stopping=self._stopping)  # fmt: skip
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(claims.keep)
+                await run_pool(self._queued(claims.feed()), claims.handler(
+                    Worker(self._context).handle), workers=workers)  # fmt: skip
+                group.cancel_scope.cancel()
+        finally:
+            await claims.give_back()
+        await commit.sweep(ledger, self.store)  # what a worker taken over had published
+
+    async def _queued(self, records: AsyncIterator[WindowRecord]) -> AsyncIterator[WindowRecord]:
+        async for record in records:
+            self._emit(WindowEvent(name="window.queued", record=record))
+            yield record
 
     def _summarise(self, wall_s: float) -> None:
         totals, s = self.totals(), self.summary

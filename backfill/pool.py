@@ -6,11 +6,13 @@ children) instead of enqueueing them itself.  Every item travels with its own cl
 send stream, and every follow-up is sent by a task of its own that holds a clone too, so the
 stream closes by itself when nothing is left to handle and nothing can be sent any more: the
 clones are the count, and no consumer ever blocks on a full stream.  The pool knows nothing of
-what the items are; stopping is the handler's business (it returns at once).
+what the items are; stopping is the handler's business (it returns at once).  The items may
+come from an async iterable that produces them as the pool goes (claims on a shared ledger).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -36,7 +38,10 @@ class _Entry(Generic[T]):
 
 
 async def run_pool(
-    items: Iterable[T], handle: Callable[[T], Awaitable[Iterable[T]]], *, workers: int
+    items: Iterable[T] | AsyncIterable[T],
+    handle: Callable[[T], Awaitable[Iterable[T]]],
+    *,
+    workers: int,
 ) -> None:
     """Handle ``items`` and every follow-up they produce with ``workers`` consumers.
 
@@ -46,7 +51,7 @@ async def run_pool(
     try:
         async with anyio.create_task_group() as group:
             pool = _Pool(handle, group)
-            group.start_soon(pool.feed, send, list(items))
+            group.start_soon(pool.feed, send, items)
             for _ in range(workers):
                 group.start_soon(pool.consume, receive.clone())
     finally:  # after an error, close what is left in the stream unhandled
@@ -63,10 +68,16 @@ class _Pool(Generic[T]):
         self.handle = handle
         self.group = group
 
-    async def feed(self, send: MemoryObjectSendStream[_Entry[T]], items: list[T]) -> None:
+    async def feed(
+        self, send: MemoryObjectSendStream[_Entry[T]], items: Iterable[T] | AsyncIterable[T]
+    ) -> None:
         async with send:
-            for item in items:
-                await _put(send, item)
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    await _put(send, item)
+            else:
+                for item in items:
+                    await _put(send, item)
 
     async def consume(self, receive: MemoryObjectReceiveStream[_Entry[T]]) -> None:
         async with receive:

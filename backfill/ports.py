@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import datetime as dt
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Collection, Iterable, Sequence
     from pathlib import Path
     from typing import Unpack
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from backfill.models import Changes, Window, WindowRecord, WindowState
     from backfill.protocol import Processing, Ready
 
-__all__ = ["Api", "ApiCounts", "LedgerPort", "StorePort"]
+__all__ = ["Api", "ApiCounts", "LedgerPort", "SharedLedger", "StorePort"]
 
 
 class ApiCounts(Protocol):
@@ -62,6 +62,10 @@ class Api(Protocol):
 class LedgerPort(Protocol):
     """What the engine needs of the ledger (``ledger.Ledger`` on SQLite in production)."""
 
+    # False: one process at a time (the run lock); True: a ``SharedLedger`` many workers share.
+    shared: bool
+    worker: str  # this process's id in the ledger (its leases, its API slots)
+
     async def windows(
         self, *, apps: Iterable[str] | None = None, states: Iterable[WindowState] | None = None
     ) -> list[WindowRecord]: ...
@@ -93,6 +97,41 @@ class LedgerPort(Protocol):
     async def learned_size(self, app: str) -> int | None: ...
 
     async def learn_size(self, app: str, size_ms: int) -> None: ...
+
+
+class SharedLedger(LedgerPort, Protocol):
+    """A ledger many workers share (``ledger_pg.PgLedger``): leases, and the API's budget.
+
+    Every move of a window is fenced by its lease: a worker whose window was taken over (its
+    lease ran out; the taker's attempt is one higher) gets ``StaleAttemptError``.
+    """
+
+    async def claim_next(
+        self,
+        apps: Sequence[str],
+        *,
+        lease_ms: int,
+        limit: int,
+        start: int | None = None,
+        end: int | None = None,
+        only: Collection[int] | None = None,
+    ) -> list[WindowRecord]: ...
+
+    async def renew(self, *, lease_ms: int) -> set[int]: ...
+
+    async def release(self, ids: Collection[int] | None = None) -> None: ...
+
+    async def take_slot(
+        self, window_id: int, app: str, *, max_in_flight: int, max_per_app: int, lease_ms: int
+    ) -> bool: ...
+
+    async def give_slot(self, window_id: int) -> None: ...
+
+    async def take_call(self, *, per_minute: int) -> float: ...
+
+    async def close_gate(self, until_ms: int) -> None: ...
+
+    async def gate_until(self) -> int: ...
 
 
 class StorePort(Protocol):
@@ -128,6 +167,8 @@ class StorePort(Protocol):
 
     def discard_staging(self) -> None: ...
 
-    def sweep(self, live: set[tuple[int, int]]) -> list[Path]: ...
+    def listing(self) -> object: ...
+
+    def sweep(self, live: set[tuple[int, int]], listing: object = ...) -> list[Path]: ...
 
     def sweep_downloads(self, keep: set[tuple[int, int]], apps: Iterable[str]) -> int: ...

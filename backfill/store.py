@@ -272,7 +272,10 @@ class LocalStore:
         )
         return problems
 
-    def sweep(self, live: set[tuple[int, int]]) -> list[Path]:
+    def listing(self) -> object:  # TEMP until the two-phase sweep lands (branch s3store)
+        return None
+
+    def sweep(self, live: set[tuple[int, int]], listing: object = None) -> list[Path]:
         """Delete event files, manifests and quarantine files whose (window id, attempt) is not
         in ``live``; returns what was deleted.  Files that do not look like ours are left alone.
 

@@ -100,7 +100,7 @@ class Worker:
 
     async def handle(self, record: WindowRecord) -> list[WindowRecord]:
         """Run ``record`` as far as it goes now; returns its children if it was split."""
-        turn = _Turn(record=record, slot=self.c.budget.slot(record.window.app))
+        turn = _Turn(record=record, slot=self.c.budget.slot(record.window.app, record.id))
         if record.state is S.SUBMITTED and record.submitted_at is not None:  # re-attach
             waited = max(0, self.c.now_ms() - record.submitted_at) / 1000
             turn.accepted_at = self.c.clock() - waited
@@ -110,7 +110,8 @@ class Worker:
             self._emit("window.turn.stale", turn.record, reason=str(exc))
             return turn.follow
         finally:
-            turn.slot.release()
+            with anyio.CancelScope(shield=True):
+                await turn.slot.release()
 
     async def _drive(self, turn: _Turn) -> list[WindowRecord]:
         outcome = self._start(turn.record)
@@ -129,7 +130,7 @@ class Worker:
                 outcome = Outcome(event=Event.STOPPING)
                 continue
             if step.close_gate:
-                self.c.budget.close_gate(step.delay_s, outcome.limit)
+                await self.c.budget.close_gate(step.delay_s, outcome.limit)
             if step.delay_s and await self._until_stop(anyio.sleep, step.delay_s) is STOPPED:
                 outcome = Outcome(event=Event.STOPPING)
                 continue
@@ -171,7 +172,7 @@ class Worker:
             self._emit("window.retry.wait", record, reason=str(turn.error or step.reason),
                        delay_s=round(step.delay_s, 3))  # fmt: skip
         if turn.record.state is not S.SUBMITTED:
-            turn.slot.release()
+            await turn.slot.release()
 
     def _changes(self, turn: _Turn, step: lifecycle.Step) -> Changes:
         if step.state is S.SUBMITTED:
@@ -256,14 +257,14 @@ class Worker:
     async def _submit(self, turn: _Turn) -> Outcome:
         budget, window = self.c.budget, turn.record.window
         while True:  # the gate may close again while this window waits for its slot
-            closed = budget.gate_wait()
+            closed = await budget.gate_wait()
             if closed and await self._until_stop(anyio.sleep, closed) is STOPPED:
                 return Outcome(event=Event.STOPPING)
             if await self._until_stop(turn.slot.acquire) is STOPPED:
                 return Outcome(event=Event.STOPPING)
-            if budget.gate_wait() <= 0:
+            if await budget.gate_wait() <= 0:
                 break
-            turn.slot.release()
+            await turn.slot.release()
         if await self._until_stop(budget.pacer.wait) is STOPPED or self.c.stopping.is_set():
             return Outcome(event=Event.STOPPING)  # from the signal on, no new request
         app = self.c.settings.app(window.app)

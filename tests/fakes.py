@@ -174,7 +174,10 @@ class FakeStore:
     def discard_staging(self) -> None:
         return None
 
-    def sweep(self, live: set[tuple[int, int]]) -> list[Path]:
+    def listing(self) -> object:
+        return None
+
+    def sweep(self, live: set[tuple[int, int]], listing: object = None) -> list[Path]:
         gone = [key for key in self.published if key not in live]
         for key in gone:
             del self.published[key]

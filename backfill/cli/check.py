@@ -108,8 +108,8 @@ async def _root(settings: Settings) -> int:
 
 
 async def _ledger(settings: Settings) -> int:
-    path = settings.ledger_path
-    if not path.exists():
+    path = settings.ledger_shown
+    if not settings.ledger_exists():
         return _line("ledger", f"{path} (none yet: the first run creates it)")
     try:
         async with session.open_ledger(settings):

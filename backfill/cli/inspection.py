@@ -10,7 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backfill.calendar import LEGEND, render
 from backfill.cli import session
@@ -47,7 +47,7 @@ async def plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         now, args.start, args.end, history_days=w.history_days, lag_hours=w.lag_hours, tz=tz
     )
     rows: list[dict[str, str]] = []
-    exists = settings.ledger_path.exists()
+    exists = settings.ledger_exists()
     async with contextlib.AsyncExitStack() as stack:
         ledger = await stack.enter_async_context(session.open_ledger(settings)) if exists else None
         for app in apps:
@@ -76,7 +76,7 @@ async def _plan_refresh(
     if len(apps) != 1 or not args.app:
         raise ConfigError("plan --refresh: name exactly one app with --app")
     rows: list[dict[str, str]] = []
-    if settings.ledger_path.exists():
+    if settings.ledger_exists():
         async with session.open_ledger(settings) as ledger:
             chosen = await life.refresh_choice(
                 ledger,
@@ -122,16 +122,21 @@ async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = session.load(args, env)
     apps = session.chosen(settings, args.app)
     session.register_token(settings, env)  # an error message must not show it, even an old one
-    if not settings.ledger_path.exists():
+    workers: list[Any] = []
+    if not settings.ledger_exists():
         report: list[AppStatus] = []
     else:
         async with session.open_ledger(settings) as ledger:
             names = [a.name for a in apps]
             report = await audit.status(ledger, names, heal_runs=settings.windows.heal_runs)
+            if ledger.shared:
+                workers = await ledger.workers()  # type: ignore[attr-defined]  # a SharedLedger
     if args.json:
         print(json.dumps([r.to_json() for r in report], indent=1))
     else:
         print_status(report, limit=None if args.all else _LIMIT)
+        if settings.ledger.url is not None:
+            print_workers(workers, limit=None if args.all else _LIMIT)
     stuck = sum(1 for r in report for f in r.failures if f.needs_person)
     if args.check and stuck:
         print(
@@ -144,6 +149,24 @@ async def status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 _LIMIT = 10  # entries of a list ``status`` shows without --all
+
+
+def print_workers(workers: Sequence[Any], *, limit: int | None = _LIMIT) -> None:
+    """The workers of a shared ledger: who, since when, last seen, and the windows each holds."""
+    from backfill.models import iso
+
+    if not workers:
+        print("\nworkers: none running")
+        return
+    print(f"\nworkers: {len(workers)}")
+    print(f"  {'worker':34} {'command':8} {'started':22} {'seen':22} holding")
+    for w in workers:
+        print(f"  {w.worker:34} {w.command:8} {iso(w.started_at):22} {iso(w.seen_at):22} "
+              f"{len(w.holding)} window{'s' * (len(w.holding) != 1)}")  # fmt: skip
+        for window_id, app, label, state in w.holding[:limit]:
+            print(f"    #{window_id} {app} {label} {state}")
+        if limit is not None and len(w.holding) > limit:
+            print(f"    ... {len(w.holding) - limit} more (--all)")
 
 
 def print_status(report: Sequence[AppStatus], *, limit: int | None = _LIMIT) -> None:
@@ -221,9 +244,9 @@ async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from backfill.store import LocalStore
 
     settings = session.load(args, env)
-    if not settings.ledger_path.exists():
+    if not settings.ledger_exists():
         raise ConfigError(
-            f"{settings.ledger_path}: no ledger to verify against (nothing has run with this "
+            f"{settings.ledger_shown}: no ledger to verify against (nothing has run with this "
             "config yet, or [ledger].path points elsewhere)"
         )
     async with session.open_ledger(settings) as ledger:

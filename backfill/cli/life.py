@@ -107,8 +107,8 @@ async def forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     settings = session.load(args, env)
     name = args.app
-    if not settings.ledger_path.exists():
-        raise ConfigError(f"{settings.ledger_path}: no ledger, nothing to forget")
+    if not settings.ledger_exists():
+        raise ConfigError(f"{settings.ledger_shown}: no ledger, nothing to forget")
     with session.exclusive(settings):
         async with session.open_ledger(settings) as ledger:
             records = await ledger.windows(apps=[name])

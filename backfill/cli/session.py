@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from backfill import config, logs
+from backfill import config, ledgers, logs
 from backfill.errors import ConfigError, LockedError
 
 if TYPE_CHECKING:
@@ -121,7 +121,11 @@ def exclusive(settings: Settings, *, wait: float | None = None) -> Iterator[None
     the kernel releases it when that process dies, so a killed run never leaves it stale.
     ``wait`` (``--wait``) is how long to queue behind the holder (``math.inf``: as long as it
     takes); without it, or when it runs out, a held lock is a ``LockedError`` naming the pid.
+    A PostgreSQL ledger has no run lock: many workers share it, each window under a lease.
     """
+    if settings.ledger.url is not None:
+        yield
+        return
     with exclusive_at(settings.ledger_path, wait=wait):
         yield
 
@@ -187,9 +191,9 @@ def _holder(handle: TextIO) -> int | None:
 
 
 @contextlib.asynccontextmanager
-async def open_ledger(settings: Settings) -> AsyncIterator[Ledger]:
-    """The ledger of ``settings``, closed on the way out."""
-    async with open_ledger_at(settings.ledger_path) as ledger:
+async def open_ledger(settings: Settings, *, command: str = "") -> AsyncIterator[Ledger]:
+    """The ledger of ``settings`` (see ``ledgers.opened``), closed on the way out."""
+    async with ledgers.opened(settings, command=command) as ledger:
         yield ledger
 
 
