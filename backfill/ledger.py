@@ -57,6 +57,9 @@ T = TypeVar("T")
 class Ledger(AppFacts):
     """The window ledger on one SQLite file.  Open with ``await Ledger.open(path)``."""
 
+    shared = False  # one process at a time (the run lock); PgLedger is shared by many workers
+    worker = "local"
+
     def __init__(self, connection: sqlite3.Connection, clock: Callable[[], float]) -> None:
         self._db = connection
         self._clock = clock
