@@ -7,9 +7,13 @@ command that deletes the app whoever holds its windows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from backfill.ledger_pg_conn import PgConnection
 from backfill.ledger_pg_schema import settings_of
-from backfill.ledger_schema import RecordedSettings
+
+if TYPE_CHECKING:
+    from backfill.ledger_schema import RecordedSettings
 
 __all__ = ["PgAppFacts"]
 

@@ -35,7 +35,6 @@ __all__ = ["FENCE", "PgLeases"]
 # The lease condition of every fenced write; its one parameter is this worker's id.
 FENCE = "(lease_owner IS NULL OR lease_owner = %s)"
 SEEN_WITHIN_MS = 5 * 60_000
-_BATCH = 64
 _UNFINISHED = sorted(str(s) for s in UNFINISHED)
 _ON_DISK = {WindowState.DOWNLOADED, WindowState.STAGED}
 _PICKED = "id, app, start_ms, replaces, state, request_id, lease_owner, lease_until"
@@ -95,7 +94,7 @@ class PgLeases(PgConnection):
                 conn,
                 f"SELECT {_PICKED} FROM windows WHERE {where}{keyset} "
                 "ORDER BY start_ms, app, id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (*params, *(after or ()), _BATCH),
+                (*params, *(after or ()), batch := limit - len(units)),
             )
             for row in rows:
                 after = (row["start_ms"], row["app"], row["id"])
@@ -109,7 +108,7 @@ class PgLeases(PgConnection):
                         units.append(members)
                 if len(units) == limit:
                     break
-            if len(rows) < _BATCH:
+            if len(rows) < batch:
                 break
         return units
 

@@ -192,8 +192,7 @@ def mask_url(url: str) -> str:
     """
     if "://" not in url:
         return " ".join(
-            "password=***" if part.lower().startswith("password=") else part
-            for part in url.split()
+            "password=***" if part.lower().startswith("password=") else part for part in url.split()
         )
     try:
         parts = urlsplit(url)

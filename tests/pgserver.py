@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 PASSWORD_ROLE = "pwuser"
-PASSWORD = "s3cret-Pw-for-tests"  # noqa: S105  # a throwaway cluster's test role
+PASSWORD = "s3cret-Pw-for-tests"  # a throwaway cluster's test role
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,16 @@ def _as_postgres(argv: list[str]) -> list[str]:
 def _start(base: Path) -> PgServer:
     bindir = _bindir()
     if bindir is None:
-        raise RuntimeError("PostgreSQL is not installed: no pg_ctl on PATH or in /usr/lib/postgresql")
+        raise RuntimeError(
+            "PostgreSQL is not installed: no pg_ctl on PATH or in /usr/lib/postgresql"
+        )
     if os.getuid() == 0:
         try:
             owner = pwd.getpwnam("postgres")
         except KeyError:
-            raise RuntimeError("running as root and there is no `postgres` user to run initdb") from None
+            raise RuntimeError(
+                "running as root and there is no `postgres` user to run initdb"
+            ) from None
         os.chown(base, owner.pw_uid, owner.pw_gid)
     data, port = base / "data", _free_port()
     run = {"check": True, "capture_output": True, "text": True, "timeout": 120}

@@ -323,7 +323,9 @@ async def test_a_committed_window_split_for_a_repull_commits_as_one_group(
     assert (await ledger.get(root.id)).committed_attempt == 0, "all or nothing"
     assert (await ledger.get(staged[0].id)).state is S.STAGED
     done = await ledger.commit_group(root, [(c, {"rows": 1, "bytes": 10}) for c in staged])
-    assert [(r.state, r.replaces, r.committed_attempt) for r in done] == [(S.COMMITTED, None, 0)] * 2
+    assert [(r.state, r.replaces, r.committed_attempt) for r in done] == [
+        (S.COMMITTED, None, 0)
+    ] * 2
     assert (await ledger.get(record.id)).committed_attempt is None
     assert await ledger.group(record.id) == []
     with pytest.raises(StaleAttemptError):  # the swap happened: a second one finds it done
