@@ -16,6 +16,7 @@ import pytest
 from backfill import logs
 
 _GZIP_MAGIC = b"\x1f\x8b"
+pytest_plugins = ["tests.pgserver"]  # the throwaway PostgreSQL cluster (pg_server, pg_url)
 
 
 def pytest_configure(config: pytest.Config) -> None:
