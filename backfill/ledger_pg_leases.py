@@ -65,7 +65,8 @@ class PgLeases(PgConnection):
         clauses = [
             "app = ANY(%s)",
             "state = ANY(%s)",
-            "(lease_owner IS NULL OR lease_owner = %s OR lease_until < %s)",
+            # Free, or another's run out; never this worker's own: it has them in hand already.
+            "(lease_owner IS NULL OR (lease_owner <> %s AND lease_until < %s))",
         ]
         params: list[Any] = [list(apps), _UNFINISHED, self.worker, now]
         for clause, value in (("end_ms > %s", start), ("start_ms < %s", end)):

@@ -140,10 +140,12 @@ def run(quick: bool, counts: list[int]) -> list[tuple[str, str, str, str]]:
                 windows = int(got["windows"])
                 if case.seconds:
                     bound = math.ceil(windows / case.cap) * case.seconds
-                    against = f"bound {bound:.1f} s (ceil({windows}/{case.cap})*{case.seconds:g}): x{got['seconds'] / bound:.2f}"  # noqa: E501
+                    shape = f"ceil({windows}/{case.cap})*{case.seconds:g}"
+                    against = f"bound {bound:.1f} s ({shape}): x{got['seconds'] / bound:.2f}"
                 else:
                     against = f"1 worker {one:.1f} s: x{got['seconds'] / one:.2f}"
-                figure = f"{got['seconds']:.1f} s, {windows} windows, {int(got['rate_limited'])} x 429"  # noqa: E501
+                limited = int(got["rate_limited"])
+                figure = f"{got['seconds']:.1f} s, {windows} windows, {limited} x 429"
                 rows.append((case.name, str(n), figure, against))
     finally:
         _stop(base)
