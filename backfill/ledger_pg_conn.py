@@ -153,4 +153,3 @@ async def _migrate(conn: Conn) -> None:
             await conn.execute("INSERT INTO backfill_schema VALUES (%s)", (len(MIGRATIONS),))
         else:
             await conn.execute("UPDATE backfill_schema SET version = %s", (len(MIGRATIONS),))
-
