@@ -14,7 +14,6 @@ scrubbed (``logs.scrub``, the password blanked) and which does not chain the ori
 from __future__ import annotations
 
 import os
-import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ from backfill.logs import scrub
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-__all__ = ["Conn", "PgConnection", "connect_args", "default_worker"]
+__all__ = ["Conn", "PgConnection", "connect_args"]
 
 Conn = psycopg.AsyncConnection[Any]
 _MIGRATION_LOCK = 0x6261636B66696C6C  # "backfill": one advisory lock for every migrating process
@@ -154,8 +153,3 @@ async def _migrate(conn: Conn) -> None:
             await conn.execute("INSERT INTO backfill_schema VALUES (%s)", (len(MIGRATIONS),))
         else:
             await conn.execute("UPDATE backfill_schema SET version = %s", (len(MIGRATIONS),))
-
-
-def default_worker() -> str:
-    """A worker id for this process when none is given: host, pid and start time."""
-    return f"{os.uname().nodename}:{os.getpid()}:{int(time.time())}"

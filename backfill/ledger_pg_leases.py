@@ -56,7 +56,10 @@ class PgLeases(PgConnection):
         """Lease up to ``limit`` unfinished windows of ``apps`` (a group counts as one).
 
         Oldest range first; optionally only windows overlapping ``[start, end)`` and only the
-        ids in ``only``.  Returns the windows as they now are (taken-over ones moved on).
+        ids in ``only`` (the other members of a group come with it whatever the filters).
+        Windows this worker already holds are claimable too (their lease is extended, their
+        attempt kept): a restarted worker with the same id gets its windows back.  Returns the
+        windows as they now are (taken-over ones moved on).
         """
         self._lease_ms = lease_ms
         if limit <= 0:

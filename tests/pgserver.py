@@ -84,20 +84,23 @@ def _start(base: Path) -> PgServer:
             ) from None
         os.chown(base, owner.pw_uid, owner.pw_gid)
     data, port = base / "data", _free_port()
-    run = {"check": True, "capture_output": True, "text": True, "timeout": 120}
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                                 "-A", "trust", "--no-sync", "-E", "UTF8"]), **run)  # type: ignore[call-overload]  # fmt: skip
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]
+    _run([*initdb, "--no-sync", "-E", "UTF8"])
     hba = data / "pg_hba.conf"
     rules = (f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
              "host all all 127.0.0.1/32 trust\nlocal all all trust\n")  # fmt: skip
     hba.write_text(rules)
     options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -F -c max_connections=200"
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l",
-                                 str(base / "log"), "-o", options, "-w", "start"]), **run)  # type: ignore[call-overload]  # fmt: skip
+    pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log")]
+    _run([*pg_ctl, "-o", options, "-w", "start"])
     server = PgServer("127.0.0.1", port)
     with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{PASSWORD}'")
     return server
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(_as_postgres(argv), check=True, capture_output=True, text=True, timeout=120)
 
 
 def _stop(base: Path) -> None:
