@@ -143,7 +143,7 @@ async def execute(
     timeouts = Timeouts(connect_s=a.connect_timeout_s, read_s=a.read_timeout_s)
     with session.exclusive(settings, wait=options.wait):
         async with (
-            session.open_ledger(settings) as ledger,
+            session.open_ledger(settings, command=command) as ledger,
             FlurryClient(base_url=a.base_url, token=Secret(token), timeouts=timeouts) as client,
         ):
             await recorded.check(ledger, apps, refreshing=options.refreshing)

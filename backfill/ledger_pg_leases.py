@@ -57,9 +57,9 @@ class PgLeases(PgConnection):
 
         Oldest range first; optionally only windows overlapping ``[start, end)`` and only the
         ids in ``only`` (the other members of a group come with it whatever the filters).
-        Windows this worker already holds are claimable too (their lease is extended, their
-        attempt kept): a restarted worker with the same id gets its windows back.  Returns the
-        windows as they now are (taken-over ones moved on).
+        Never a window this worker holds already, even past its lease: its run has that one in
+        hand (worker ids are unique per process).  Returns the windows as they now are
+        (taken-over ones moved on).
         """
         self._lease_ms = lease_ms
         if limit <= 0:
