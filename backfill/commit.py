@@ -144,7 +144,7 @@ async def _commit_group(
     root: WindowRecord,
     staged: list[WindowRecord],
     manifests: list[Manifest],
-    paths: list[Path],
+    paths: Sequence[Path | str],
 ) -> list[WindowRecord]:
     changes: list[tuple[WindowRecord, Changes]] = [
         (r, {"rows": m.rows, "bytes": m.size, "manifest": str(p)})
@@ -159,7 +159,11 @@ async def _commit_group(
 
 
 async def _commit(
-    ledger: LedgerPort, store: StorePort, record: WindowRecord, manifest: Manifest, path: Path
+    ledger: LedgerPort,
+    store: StorePort,
+    record: WindowRecord,
+    manifest: Manifest,
+    path: Path | str,
 ) -> WindowRecord:
     """STAGED → COMMITTED for a published manifest, then drop the attempt committed before."""
     previous = record.committed_attempt
@@ -204,18 +208,21 @@ async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
     no live attempt is deleted.  Call it before any window runs.
     """
     report = Recovery()
+    # The sweep's listing is taken before the ledger is read: a file another worker
+    # publishes after this read is not in it, so it cannot be swept as if dead.
+    listing = await anyio.to_thread.run_sync(store.listing)
     staged = await ledger.windows(states=[S.STAGED])
     for record in [r for r in staged if r.replaces is None]:
         await _recover_one(ledger, store, record, report)
     for root_id in sorted({r.replaces for r in staged if r.replaces is not None}):
         await _recover_group(ledger, store, await ledger.get(root_id), report)
-    live = {
-        (r.id, r.committed_attempt)
-        for r in await ledger.windows()
-        if r.committed_attempt is not None
-    }
+    records = await ledger.windows()
+    live = {(r.id, r.committed_attempt) for r in records if r.committed_attempt is not None}
+    # An attempt being staged or published (another worker's, once ledgers are shared) is
+    # live too; after the recovery above, this process has none of its own.
+    live |= {(r.id, r.attempt) for r in records if r.state in (S.STAGED, S.DOWNLOADED)}
     await anyio.to_thread.run_sync(store.discard_staging)
-    report.swept = len(await anyio.to_thread.run_sync(store.sweep, live))
+    report.swept = len(await anyio.to_thread.run_sync(store.sweep, live, listing))
     return report
 
 

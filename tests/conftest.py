@@ -15,6 +15,8 @@ import pytest
 
 from backfill import logs
 
+pytest_plugins = ["tests.s3server"]  # the loopback S3 server and its `s3_root` fixture
+
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
