@@ -15,7 +15,7 @@ import pytest
 
 from backfill import logs
 
-pytest_plugins = ["tests.s3server"]  # the loopback S3 server and its `s3_root` fixture
+pytest_plugins = ["tests.s3server", "tests.storekit"]  # the loopback S3 server, `s3_root`, `stores`
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
