@@ -152,8 +152,13 @@ def landed(root: Path | str, app: str) -> list[str]:
         if not path.exists():
             return []
         table = ds.dataset(path, format="parquet").to_table()
+    return canonical(table.to_pylist())
+
+
+def canonical(rows: list[dict[str, Any]]) -> list[str]:
+    """Landed rows as canonical JSON strings (the simulator's ground truth's shape), sorted."""
     out = []
-    for row in table.to_pylist():
+    for row in rows:
         row["sessionTimestamp"] = int(row["sessionTimestamp"].timestamp() * 1000)
         del row["eventTimestamp"]
         for name in ("deviceIdentifiers", "eventParameters", "sessionProperties"):

@@ -9,6 +9,7 @@ helpers (``tests/enginekit.py``) put their output root on this server too (``sha
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ def endpoint() -> str:
         try:
             from moto.server import ThreadedMotoServer
 
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()
         except Exception as exc:  # any reason at all: say it, and how loudly depends on CI
