@@ -60,6 +60,7 @@ class ObjectStore:
         fs: Any = None,
     ) -> None:
         self.bucket = objfs.Bucket.parse(root)
+        self.endpoint_url, self.region = endpoint_url, region
         self.fs = fs or objfs.filesystem(self.bucket, endpoint_url=endpoint_url, region=region)
         self.local = LocalStore(staging, limits=limits, on_bad_rows=on_bad_rows, stop=stop)
 

@@ -8,7 +8,9 @@ what it holds by key relative to its root, whatever the kind.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -20,8 +22,6 @@ from backfill.store import LocalStore
 from tests.s3server import REGION, new_root
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from backfill.schema import Limits
 
 Store = LocalStore | ObjectStore
@@ -73,6 +73,10 @@ class Stores:
         with store.fs.open_output_stream(store.bucket.key(relative)) as out:
             out.write(data)
 
+    def parquet(self, store: Store) -> list[str]:
+        """The Parquet files a reader sees under ``events/`` (relative to the root)."""
+        return [f for f in self.files(store) if f.startswith("events/") and f.endswith(".parquet")]
+
     def landed(self, store: Store) -> list[dict[str, Any]]:
         """Every row under ``events/``, read as a hive-partitioned dataset (pyarrow)."""
         if isinstance(store, LocalStore):
@@ -85,6 +89,22 @@ class Stores:
         ).to_table()
         rows: list[dict[str, Any]] = table.to_pylist()
         return rows
+
+
+def spec(store: Store) -> str:
+    """``store`` as one string a child process rebuilds it from (``from_spec``)."""
+    if isinstance(store, LocalStore):
+        return json.dumps({"root": str(store.root)})
+    return json.dumps({"root": store.root, "staging": str(store.local.root),
+                       "endpoint_url": store.endpoint_url})  # fmt: skip
+
+
+def from_spec(text: str) -> Store:
+    fields = json.loads(text)
+    if "staging" not in fields:
+        return LocalStore(Path(fields["root"]))
+    return ObjectStore(fields["root"], staging=Path(fields["staging"]),
+                       endpoint_url=fields["endpoint_url"], region=REGION)  # fmt: skip
 
 
 @pytest.fixture(params=["local", "s3"])
