@@ -6,8 +6,8 @@ did-you-mean for a misspelt key); each table has its own checker.  ``load(path)`
 file, parses it and takes its relative paths as relative to the file's folder.  ``read_token``
 reads the token (from the environment variable or the file the config names; never from the
 command line) and ``check_writable`` checks that the output root and the ledger's folder can
-be written.  The ``[simulator]`` table belongs to the
-simulator and is skipped here.
+be written.  ``[output] root`` may be an ``s3://``/``gs://`` URI (a ``str``; the ledger is then
+named outside it, ``check_ledger_outside``).  ``[simulator]`` belongs to the simulator.
 """
 
 from __future__ import annotations
