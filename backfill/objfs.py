@@ -97,9 +97,10 @@ def filesystem(
         host = host.rstrip("/")
     if bucket.scheme == "gs":
         return pafs.GcsFileSystem(endpoint_override=host, scheme=scheme)
-    return pafs.S3FileSystem(
-        region=region, endpoint_override=host, scheme=scheme, background_writes=False
-    )
+    # Delayed open: an object under one part goes up as ONE PutObject at close, not as three
+    # multipart requests (errors still surface at close, which ``put`` waits for).
+    return pafs.S3FileSystem(region=region, endpoint_override=host, scheme=scheme,
+                             background_writes=False, allow_delayed_open=True)  # fmt: skip
 
 
 def put(fs: Any, key: str, data: bytes | Path) -> None:

@@ -7,7 +7,7 @@ root such as ``s3://bucket/prefix``.  Downloads and staging stay on local disk: 
 record), then uploads each staged file to its final key under ``events/`` (the same hive
 layout and names as a local root) and deletes the staged copy; a PUT is atomic per object, so
 a reader never sees half a file.  ``finish()`` completes an interrupted publish from its
-manifest (each file already uploaded with its size, or still staged); ``remove()`` deletes an
+manifest (each file still staged, or else already uploaded with its size); ``remove()`` deletes an
 attempt's objects by key; ``check_manifest()`` reads each object back (size, sha256, footer,
 rows, window).  A sweep lists first (``listing()``: every object with its owner, and the local
 leftovers), then deletes from that listing only, so a file published after it is never
@@ -121,11 +121,11 @@ class ObjectStore:
         for item in manifest.files:
             key = self._event_key(manifest.app, item.path)
             staged = layout.inside(stage_dir / item.path)
-            if objfs.info(self.fs, key) == item.size:
-                continue  # uploaded before (a PUT lands whole or not at all)
-            if not staged.exists():
+            if not staged.exists():  # uploaded before (a PUT lands whole or not at all)?
+                if objfs.info(self.fs, key) == item.size:
+                    continue
                 return False
-            objfs.put(self.fs, key, staged)
+            objfs.put(self.fs, key, staged)  # over an earlier upload of it: the same bytes
             staged.unlink()
             crashpoints.hit("writer.publish")
         rejects = layout.rejects_path(manifest.app, manifest.window_id, manifest.attempt)
