@@ -247,7 +247,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.timeout(300)
-async def test_run_status_and_verify_on_an_s3_root_land_the_ground_truth(
+async def test_run_status_verify_and_refresh_on_an_s3_root_land_the_ground_truth(
     s3_root: S3Root, tmp_path: Path
 ) -> None:
     sim = sim_settings()
@@ -263,7 +263,27 @@ async def test_run_status_and_verify_on_an_s3_root_land_the_ground_truth(
         assert code == 0 and all(r["windows"]["failed"] == 0 for r in report.values()), out
         code, out, err = await _cli("verify", "--config", config_file, env=env)
         assert code == 0 and "verified" in out, out + err
-    assert not (tmp_path / "out").exists(), "nothing landed locally"
+        await _rows_equal_the_ground_truth(s3_root, tmp_path, sim)
+        assert not (tmp_path / "out").exists(), "nothing landed locally"
+        # A damaged object is found, its window named, and `refresh --damaged` heals it.
+        fs = s3_root.filesystem()
+        victim = next(k for k in s3_root.keys() if k.endswith(".parquet"))
+        key = f"{s3_root.uri.removeprefix('s3://')}/{victim}"
+        objfs.put(fs, key, (objfs.read(fs, key) or b"")[:-10])
+        code, out, _ = await _cli("verify", "--config", config_file, env=env)
+        assert code == 5 and f"{s3_root.uri}/{victim}" in out
+        app = victim.split("/")[1].removeprefix("app=")
+        code, out, err = await _cli(
+            "refresh", "--config", config_file, "--app", app, "--damaged", env=env
+        )
+        assert code == 0, out + err
+        code, out, err = await _cli("verify", "--config", config_file, env=env)
+        assert code == 0, out + err
+        await _rows_equal_the_ground_truth(s3_root, tmp_path, sim)
+
+
+async def _rows_equal_the_ground_truth(s3_root: S3Root, tmp_path: Path, sim: Any) -> None:
+    """Every app's rows, read back from the bucket, are the simulator's over its windows."""
     ledger = await Ledger.open(tmp_path / "ledger.sqlite")
     try:
         records = await ledger.windows()
@@ -278,9 +298,3 @@ async def test_run_status_and_verify_on_an_s3_root_land_the_ground_truth(
         table = ds.dataset(f"{s3_root.uri.removeprefix('s3://')}/events/app={app}",
                            format="parquet", filesystem=fs).to_table()  # fmt: skip
         assert canonical(table.to_pylist()) == truth(sim, app, lo, hi), app
-    # A damaged object is found, and its window named.
-    victim = next(k for k in s3_root.keys() if k.endswith(".parquet"))
-    key = f"{s3_root.uri.removeprefix('s3://')}/{victim}"
-    objfs.put(fs, key, (objfs.read(fs, key) or b"")[:-10])
-    code, out, _ = await _cli("verify", "--config", config_file, env=env)
-    assert code == 5 and f"{s3_root.uri}/{victim}" in out
