@@ -292,8 +292,8 @@ def check_ledger_outside(output: OutputSettings, ledger: Any, source: str) -> No
     if not named:
         raise ConfigError(
             f"{source}: output.root = {output.root!r}: an object-store root cannot hold the "
-            "ledger; add a local ledger file to the config:\n"
-            '[ledger]\npath = "/var/lib/backfill/ledger.sqlite"'
+            "ledger; add a local ledger file to the config: [ledger] path = "
+            "'/var/lib/backfill/ledger.sqlite'"
         )
 
 
