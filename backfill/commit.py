@@ -209,7 +209,7 @@ async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
     """
     report = Recovery()
     # The sweep's listing is taken before the ledger is read: a file another worker
-    # publishes after this read is not in it, so it cannot be swept as if dead.
+    # publishes after this listing is not in it, so it cannot be swept as if dead.
     listing = await anyio.to_thread.run_sync(store.listing)
     staged = await ledger.windows(states=[S.STAGED])
     for record in [r for r in staged if r.replaces is None]:
