@@ -135,10 +135,10 @@ async def execute(
     from backfill.cli.exits import BY_STANDING, EXIT_OK
     from backfill.client import FlurryClient, Secret, Timeouts
     from backfill.engine import Engine
-    from backfill.store import LocalStore
+    from backfill.objstore import check_output, open_store
 
     options = options or Options()
-    config.check_writable(settings)
+    check_output(settings)
     a = settings.api
     timeouts = Timeouts(connect_s=a.connect_timeout_s, read_s=a.read_timeout_s)
     with session.exclusive(settings, wait=options.wait):
@@ -150,8 +150,7 @@ async def execute(
             token_checked = await preflight(settings, token)  # unreachable, refused: nothing starts
             await recorded.record(ledger, [x for x in apps if x.name != options.refreshing])
             halt = threading.Event()  # the second signal: conversions under way give up too
-            out = settings.output
-            store = LocalStore(out.root, on_bad_rows=out.on_bad_rows, stop=halt)
+            store = open_store(settings, stop=halt)
             engine = Engine(
                 settings=settings, ledger=ledger, store=store, api=client,
                 accept_shrink=options.accept_shrink, listeners=options.listeners,

@@ -107,7 +107,7 @@ def preparing_refresh(
 
     async def prepare(engine: Engine) -> tuple[int | None, int | None]:
         chosen = await life.refresh_choice(
-            engine.ledger, settings.output.root, app.name, start, end, damaged=damaged
+            engine.ledger, settings, app.name, start, end, damaged=damaged
         )
         records = await engine.ledger.windows(apps=[app.name])
         live = {r.id for r in records if r.committed_attempt is not None}

@@ -157,7 +157,7 @@ async def _commit_group(
     root: WindowRecord,
     staged: list[WindowRecord],
     manifests: list[Manifest],
-    paths: list[Path],
+    paths: Sequence[Path | str],
 ) -> list[WindowRecord]:
     changes: list[tuple[WindowRecord, Changes]] = [
         (r, {"rows": m.rows, "bytes": m.size, "manifest": str(p)})
@@ -172,7 +172,11 @@ async def _commit_group(
 
 
 async def _commit(
-    ledger: LedgerPort, store: StorePort, record: WindowRecord, manifest: Manifest, path: Path
+    ledger: LedgerPort,
+    store: StorePort,
+    record: WindowRecord,
+    manifest: Manifest,
+    path: Path | str,
 ) -> WindowRecord:
     """STAGED → COMMITTED for a published manifest, then drop the attempt committed before."""
     previous = record.committed_attempt

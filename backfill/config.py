@@ -6,8 +6,8 @@ did-you-mean for a misspelt key); each table has its own checker.  ``load(path)`
 file, parses it and takes its relative paths as relative to the file's folder.  ``read_token``
 reads the token (from the environment variable or the file the config names; never from the
 command line) and ``check_writable`` checks that the output root and the ledger's folder can
-be written.  The ``[simulator]`` table belongs to the
-simulator and is skipped here.
+be written.  ``[output] root`` may be an ``s3://``/``gs://`` URI (a ``str``; the ledger is then
+named outside it, ``check_ledger_outside``).  ``[simulator]`` belongs to the simulator.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from backfill.config_toml import ABSENT, at_least, fail, hint, table
+from backfill.config_toml import ABSENT, at_least, fail, hint, table, typed
 from backfill.errors import ConfigError
 from backfill.planner import HORIZON_DAYS
 from backfill.policy import Policy
@@ -88,10 +88,14 @@ class WindowSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutputSettings:
-    root: Path = Path("data/flurry")
+    # A local folder (Path) or an object-store URI (str: "s3://bucket/prefix", "gs://...").
+    root: Path | str = Path("data/flurry")
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
     min_repull_share: float = 0.5  # a re-pull under this share of the rows it replaces fails
     metrics_file: Path | None = None  # the Prometheus textfile a run writes (--metrics-file)
+    staging: Path | None = None  # object root: the local work folder (default: beside the ledger)
+    endpoint_url: str | None = None  # object root: an S3-compatible store's URL (MinIO, Ceph)
+    region: str | None = None  # object root: the bucket's region
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,7 +127,21 @@ class Settings:
 
     @property
     def ledger_path(self) -> Path:
-        return self.ledger.path or self.output.root / "_ledger.sqlite"
+        if self.ledger.path is not None:
+            return self.ledger.path
+        if isinstance(self.output.root, str):  # parse() refuses this: a ledger is named
+            raise ConfigError(f"{self.source}: an object-store root needs [ledger] path")
+        return self.output.root / "_ledger.sqlite"
+
+    @property
+    def staging_path(self) -> Path:
+        """The local work folder of an object-store root (downloads and staged Parquet)."""
+        if self.output.staging is not None:
+            return self.output.staging
+        if self.ledger.url is None:
+            return self.ledger_path.parent / "staging"
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(cache) / "backfill" / "staging"
 
     @property
     def ledger_shown(self) -> str:
@@ -156,12 +174,13 @@ def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
             raise ConfigError(f"{source}: [{key}]: unknown table{hint(key, sections, '[{}]')}")
     api, policy = _api_tables(document.get("api", {}), source)
     windows: WindowSettings = table(WindowSettings, document.get("windows", {}), source, "windows")
-    output: OutputSettings = table(OutputSettings, document.get("output", {}), source, "output")
+    output = _output_table(document.get("output", {}), source)
     ledger: LedgerSettings = table(LedgerSettings, document.get("ledger", {}), source, "ledger")
     _check_api(api, policy, source)
     windows, warnings = _check_windows(windows, source)
     _check_output(output, source)
     _check_ledger(ledger, source)
+    check_ledger_outside(output, document.get("ledger", {}), source)
     return Settings(
         api=api,
         policy=policy,
@@ -265,15 +284,55 @@ def masked(url: str) -> str:
     return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
 
 
+_OBJECT_ROOT = re.compile(r"(s3|gs)://([a-z0-9][a-z0-9.\-_]*[a-z0-9])(/.*)?")
+_ANY_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:/")
+
+
+def _output_table(value: Any, source: str) -> OutputSettings:
+    """``[output]``, its ``root`` a ``Path`` or, for ``s3://``/``gs://``, the URI (a ``str``)."""
+    raw = dict(value) if isinstance(value, dict) else value
+    root = raw.pop("root", ABSENT) if isinstance(raw, dict) else ABSENT
+    output: OutputSettings = table(OutputSettings, raw, source, "output")
+    if isinstance(root, str) and _OBJECT_ROOT.fullmatch(root.rstrip("/")):
+        return dataclasses.replace(output, root=root.rstrip("/"))
+    if root is not ABSENT:
+        path = typed(source, "output.root", root, "Path")
+        if _ANY_URI.match(str(root)):
+            raise fail(source, "output.root", root, "a local folder, or s3://BUCKET/PREFIX or "
+                       "gs://BUCKET/PREFIX (a bucket name of a-z, 0-9, '.', '-', '_')")  # fmt: skip
+        output = dataclasses.replace(output, root=path)
+    return output
+
+
 def _check_output(output: OutputSettings, source: str) -> None:
-    """The ``[output]`` values: ``on_bad_rows`` is one of the writer's two policies."""
+    """The ``[output]`` values: ``on_bad_rows`` is one of the writer's two policies; an
+    object-store root has a prefix without ``.``/``..``/empty segments."""
     if output.on_bad_rows not in ("fail", "quarantine"):
         raise fail(source, "output.on_bad_rows", output.on_bad_rows, '"fail" or "quarantine"')
     at_least(source, "output.min_repull_share", output.min_repull_share, 0.0, 1.0)
-    if re.match(r"[A-Za-z][A-Za-z0-9+.\-]*:/", str(output.root)):  # Path folded "s3://" to "s3:/"
-        raise fail(source, "output.root", str(output.root).replace(":/", "://", 1),
-                   "a local folder (object-store roots such as s3:// or gs:// are not supported "
-                   "yet)")  # fmt: skip
+    if isinstance(output.root, str):
+        prefix = (_OBJECT_ROOT.fullmatch(output.root) or [None] * 4)[3] or ""
+        if any(part in ("", ".", "..") for part in prefix.split("/")[1:]):
+            raise fail(source, "output.root", output.root,
+                       "a prefix without empty, '.' or '..' segments")  # fmt: skip
+    if output.endpoint_url is not None and not output.endpoint_url.startswith(
+        ("http://", "https://")
+    ):
+        raise fail(source, "output.endpoint_url", output.endpoint_url, "an http(s):// URL")
+
+
+def check_ledger_outside(output: OutputSettings, ledger: Any, source: str) -> None:
+    """An object-store root keeps no ledger: ``[ledger]`` must name one (a local ``path`` or a
+    database ``url``), or ``ConfigError`` saying what to add."""
+    if not isinstance(output.root, str):
+        return
+    named = isinstance(ledger, dict) and ("path" in ledger or "url" in ledger)
+    if not named:
+        raise ConfigError(
+            f"{source}: output.root = {output.root!r}: an object-store root cannot hold the "
+            "ledger; add one to the config: [ledger] url = 'postgresql://HOST/DB' (shared by "
+            "many workers) or a local file, [ledger] path = '/var/lib/backfill/ledger.sqlite'"
+        )
 
 
 def _apps(raw: Any, source: str) -> tuple[AppSettings, ...]:
@@ -366,7 +425,9 @@ def anchored(settings: Settings, folder: Path) -> Settings:
         ledger = dataclasses.replace(ledger, path=under(ledger.path))
     output = settings.output
     metrics = None if output.metrics_file is None else under(output.metrics_file)
-    output = dataclasses.replace(output, root=under(output.root), metrics_file=metrics)
+    staging = None if output.staging is None else under(output.staging)
+    root = output.root if isinstance(output.root, str) else under(output.root)
+    output = dataclasses.replace(output, root=root, metrics_file=metrics, staging=staging)
     return dataclasses.replace(settings, api=api, ledger=ledger, output=output)
 
 
@@ -397,8 +458,16 @@ def read_token(settings: Settings, env: Mapping[str, str]) -> str:
 
 
 def check_writable(settings: Settings) -> None:
-    """The output root and the ledger's folder can be created and written, or ``ConfigError``."""
-    folders = [("output.root", settings.output.root)]
+    """The output root and the ledger's folder can be created and written, or ``ConfigError``.
+
+    For an object-store root, the local folders only (the ledger's, the staging folder):
+    ``objstore.check_output`` probes the bucket."""
+    root = settings.output.root
+    folders = (
+        [("output.staging", settings.staging_path)]
+        if isinstance(root, str)
+        else [("output.root", root)]
+    )
     if settings.ledger.url is None:
         folders.append(("ledger.path", settings.ledger_path.parent))
     for key, folder in folders:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Layout",
+    "Listing",
     "day_partition",
     "days",
     "download_owner",
@@ -104,6 +105,19 @@ def rejects_owner(name: str) -> tuple[int, int] | None:
 def download_owner(name: str) -> tuple[int, int] | None:
     """The (window id, attempt) of a download file name, or None if not ours."""
     return _owner(_DOWNLOAD, name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listing:
+    """What a store found at one moment: every event file, manifest and quarantine file it
+    may sweep, each with the (window id, attempt) that owns it, and the links met on the way.
+
+    A sweep deletes from such a listing only: taken BEFORE the ledger is read, it cannot hold
+    a file another worker published after the ledger said which attempts are live.
+    """
+
+    owned: tuple[tuple[Path | str, tuple[int, int]], ...] = ()
+    links: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

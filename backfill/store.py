@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from backfill import crashpoints, staging
 from backfill.errors import IntegrityError
 from backfill.layout import (
     Layout,
+    Listing,
     download_owner,
     manifest_owner,
     part_owner,
@@ -40,7 +42,6 @@ from backfill.schema import Limits
 if TYPE_CHECKING:
     import threading
     from collections.abc import Iterable
-    from pathlib import Path
 
 __all__ = ["LocalStore"]
 
@@ -192,8 +193,9 @@ class LocalStore:
         found, _ = self.layout.files(self.layout.manifests, 2)
         return [p for p in found if p.suffix == ".json"]
 
-    def check_manifest(self, path: Path, rows: int | None) -> list[str]:
+    def check_manifest(self, path: Path | str, rows: int | None) -> list[str]:
         """Problems with one committed attempt: its manifest, its files, their bytes and rows."""
+        path = Path(path)
         if not path.exists():
             return [f"{path}: the manifest of a committed window is missing"]
         try:
@@ -272,28 +274,36 @@ class LocalStore:
         )
         return problems
 
-    def listing(self) -> object:  # TEMP until the two-phase sweep lands (branch s3store)
-        return None
-
-    def sweep(self, live: set[tuple[int, int]], listing: object = None) -> list[Path]:
-        """Delete event files, manifests and quarantine files whose (window id, attempt) is not
-        in ``live``; returns what was deleted.  Files that do not look like ours are left alone.
-
-        Everything is listed first without following links; a link anywhere in those folders
-        is an ``IntegrityError`` naming it, raised before anything is deleted.
-        """
+    def listing(self) -> Listing:
+        """Every event file, manifest (and manifest being written) and quarantine file with
+        its owner, and every link met; the first half of a sweep."""
         layout = self.layout
         events, links = layout.files(layout.events, 3)
         manifests, manifest_links = layout.files(layout.manifests, 2)
         rejects, reject_links = layout.files(layout.rejects, 2)
-        _refuse_links(links + manifest_links + reject_links)
-        doomed = [p for p in events if _dead(part_owner(p.name), live) and _app_folder(p, layout)]
-        doomed += [p for p in manifests if _dead(manifest_owner(p.name), live)]
-        doomed += [p for p in rejects if _dead(rejects_owner(p.name), live)]
-        removed = [p for p in doomed if layout.remove_file(p)]
-        for temporary in (p for p in manifests if p.suffix == ".tmp"):
-            layout.remove_file(temporary)
-        return removed
+        found: list[tuple[Path | str, tuple[int, int] | None]] = [
+            (p, part_owner(p.name)) for p in events if _app_folder(p, layout)
+        ]
+        found += [(p, manifest_owner(p.name.removesuffix(".tmp"))) for p in manifests]
+        found += [(p, rejects_owner(p.name)) for p in rejects]
+        return Listing(
+            owned=tuple((p, owner) for p, owner in found if owner is not None),
+            links=tuple(links + manifest_links + reject_links),
+        )
+
+    def sweep(self, live: set[tuple[int, int]], listing: Listing | None = None) -> list[Path]:
+        """Delete the event files, manifests and quarantine files of ``listing`` (default: one
+        taken now) whose (window id, attempt) is not in ``live``; returns what was deleted.
+        Files that do not look like ours are left alone, and so is every file published after
+        the listing: list first, then read the ledger, then sweep.
+
+        A link in the listing is an ``IntegrityError`` naming it, raised before anything is
+        deleted.
+        """
+        listing = self.listing() if listing is None else listing
+        _refuse_links(list(listing.links))
+        doomed = [p for p, owner in listing.owned if isinstance(p, Path) and owner not in live]
+        return [p for p in doomed if self.layout.remove_file(p)]
 
     def sweep_downloads(self, keep: set[tuple[int, int]], apps: Iterable[str]) -> int:
         """Delete downloads of ``apps`` whose (window id, attempt) is not in ``keep``.

@@ -15,6 +15,8 @@ import pytest
 
 from backfill import logs
 
+pytest_plugins = ["tests.s3server", "tests.storekit"]  # the loopback S3 server, `s3_root`, `stores`
+
 _GZIP_MAGIC = b"\x1f\x8b"
 pytest_plugins = ["tests.pgserver"]  # the throwaway PostgreSQL cluster (pg_server, pg_url)
 

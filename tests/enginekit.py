@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as ds
@@ -20,14 +22,14 @@ from backfill.config import (
 )
 from backfill.engine import Engine
 from backfill.ledger import Ledger
+from backfill.objstore import open_store
 from backfill.policy import Policy
 from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
-from backfill.store import LocalStore
+from tests.s3server import REGION, S3Root, new_root
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     from backfill.simulator import Simulator
 
@@ -87,10 +89,28 @@ def engine_settings(
         windows=WindowSettings(
             history_days=history_days, lag_hours=24, lookback_days=lookback_days
         ),
-        output=OutputSettings(root=root),
-        ledger=LedgerSettings(path=ledger),
+        output=_output(root),
+        ledger=LedgerSettings(path=ledger if ledger or not _on_s3() else root / "_ledger.sqlite"),
         apps=tuple(AppSettings(name=a.name, api_key=a.api_key) for a in apps),
     )
+
+
+# BACKFILL_TEST_STORE=s3: every output root these helpers build is a bucket on the loopback S3
+# server instead (one per local root, so runs on one root share it), its ledger and staging
+# in the local folder.  ``landed`` reads it back from there.
+_S3_ROOTS: dict[Path, S3Root] = {}
+
+
+def _on_s3() -> bool:
+    return os.environ.get("BACKFILL_TEST_STORE") == "s3"
+
+
+def _output(root: Path) -> OutputSettings:
+    if not _on_s3():
+        return OutputSettings(root=root)
+    s3 = _S3_ROOTS.get(root) or _S3_ROOTS.setdefault(root, new_root())
+    return OutputSettings(root=s3.uri, endpoint_url=s3.endpoint_url, region=REGION,
+                          staging=root / "_staging_local")  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -101,7 +121,7 @@ async def engine(settings: Settings, **kwargs: Any) -> AsyncIterator[Engine]:
             yield Engine(
                 settings=settings,
                 ledger=ledger,
-                store=LocalStore(settings.output.root, on_bad_rows=settings.output.on_bad_rows),
+                store=open_store(settings),
                 api=api,
                 **kwargs,
             )
@@ -115,14 +135,30 @@ async def simulator(sim: SimulatorSettings) -> AsyncIterator[tuple[Simulator, st
         yield served
 
 
-def landed(root: Path, app: str) -> list[str]:
-    """The rows landed for ``app``, each as a canonical JSON string, sorted."""
-    path = root / "events" / f"app={app}"
-    if not path.exists():
-        return []
-    table = ds.dataset(path, format="parquet").to_table()
+def landed(root: Path | str, app: str) -> list[str]:
+    """The rows landed for ``app``, each as a canonical JSON string, sorted (read from the
+    bucket for an S3 root, or a local root that ``BACKFILL_TEST_STORE=s3`` put on one)."""
+    s3 = next((r for r in _S3_ROOTS.values() if r.uri == root), None)
+    s3 = _S3_ROOTS.get(root) if isinstance(root, Path) else s3
+    if s3 is not None or isinstance(root, str):
+        assert s3 is not None, f"{root}: not a bucket these helpers made"
+        fs = s3.filesystem()
+        key = f"{s3.uri.removeprefix('s3://')}/events/app={app}"
+        if not s3.keys(f"events/app={app}"):
+            return []
+        table = ds.dataset(key, format="parquet", filesystem=fs).to_table()
+    else:
+        path = root / "events" / f"app={app}"
+        if not path.exists():
+            return []
+        table = ds.dataset(path, format="parquet").to_table()
+    return canonical(table.to_pylist())
+
+
+def canonical(rows: list[dict[str, Any]]) -> list[str]:
+    """Landed rows as canonical JSON strings (the simulator's ground truth's shape), sorted."""
     out = []
-    for row in table.to_pylist():
+    for row in rows:
         row["sessionTimestamp"] = int(row["sessionTimestamp"].timestamp() * 1000)
         del row["eventTimestamp"]
         for name in ("deviceIdentifiers", "eventParameters", "sessionProperties"):

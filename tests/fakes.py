@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from backfill.errors import AuthError, RateLimitedError, TooLargeError
+from backfill.layout import Listing
 from backfill.manifest import Manifest, ManifestFile
 from backfill.protocol import Processing, Ready
 
@@ -165,7 +166,7 @@ class FakeStore:
     def manifest_path(self, app: str, window_id: int, attempt: int) -> Path:
         return self.downloads / "manifests" / f"{window_id}.{attempt}.json"
 
-    def check_manifest(self, path: Path, rows: int | None) -> list[str]:
+    def check_manifest(self, path: Path | str, rows: int | None) -> list[str]:
         return []
 
     def orphans(self, live: set[tuple[int, int]]) -> list[str]:
@@ -174,11 +175,12 @@ class FakeStore:
     def discard_staging(self) -> None:
         return None
 
-    def listing(self) -> object:
-        return None
+    def listing(self) -> Listing:
+        return Listing(owned=tuple((self.manifest_path("", *key), key) for key in self.published))
 
-    def sweep(self, live: set[tuple[int, int]], listing: object = None) -> list[Path]:
-        gone = [key for key in self.published if key not in live]
+    def sweep(self, live: set[tuple[int, int]], listing: Listing | None = None) -> list[Path]:
+        listed = {owner for _, owner in (listing or self.listing()).owned}
+        gone = [key for key in self.published if key not in live and key in listed]
         for key in gone:
             del self.published[key]
         return [self.manifest_path("", *key) for key in gone]

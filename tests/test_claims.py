@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -24,8 +25,6 @@ from tests.enginekit import APPS, engine_settings, landed, sim_settings, simulat
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from backfill.config import Settings
     from backfill.engine import Summary
 
@@ -37,8 +36,8 @@ async def _worker(settings: Settings, url: str, name: str, *, plan: bool = True)
     ledger = await PgLedger.open(url, worker=name)
     try:
         async with FlurryClient(base_url=settings.api.base_url, token=Secret(TOKEN)) as api:
-            store = LocalStore(settings.output.root)
-            engine = Engine(settings=settings, ledger=ledger, store=store, api=api)  # type: ignore[arg-type]  # PgLedger is a SharedLedger
+            store = LocalStore(Path(str(settings.output.root)))
+            engine = Engine(settings=settings, ledger=ledger, store=store, api=api)
             start, end, _ = engine.clamp(None, None)
             if plan:
                 await engine.plan(settings.apps, start, end)
@@ -95,8 +94,9 @@ async def test_a_dead_workers_windows_are_taken_over_when_its_lease_runs_out(
                            lease_s=1.0)  # fmt: skip
         # A worker that plans, claims everything and dies before doing anything.
         dead = await PgLedger.open(pg_url, worker="dead")
-        engine = Engine(settings=settings, ledger=dead, store=LocalStore(tmp_path / "out"),  # type: ignore[arg-type]  # PgLedger is a SharedLedger
-                        api=None)  # type: ignore[arg-type]  # planning makes no call
+        no_api: Any = None  # planning makes no call
+        engine = Engine(settings=settings, ledger=dead, store=LocalStore(tmp_path / "out"),
+                        api=no_api)  # fmt: skip
         start, end, _ = engine.clamp(None, None)
         await engine.plan(settings.apps, start, end)
         held = await dead.claim_next([a.name for a in APPS], lease_ms=1000, limit=1000)

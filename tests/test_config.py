@@ -137,9 +137,15 @@ BAD: list[tuple[str, tuple[str, str] | str, str]] = [
         'output.on_bad_rows = \'ignore\': expected "fail" or "quarantine"',
     ),
     (
-        "object-store root",
+        "unknown URI scheme",
+        ('root = "{root}"', 'root = "abfs://lake/flurry"'),
+        "output.root = 'abfs://lake/flurry': expected a local folder, or s3://BUCKET/PREFIX",
+    ),
+    (
+        "object-store root without a ledger",
         ('root = "{root}"', 'root = "s3://lake/flurry"'),
-        "output.root = 's3://lake/flurry': expected a local folder (object-store roots",
+        "output.root = 's3://lake/flurry': an object-store root cannot hold the ledger; add a "
+        "local ledger file to the config: [ledger] path = '/var/lib/backfill/ledger.sqlite'",
     ),
 ]
 

@@ -9,20 +9,23 @@ import textwrap
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import pyarrow.dataset as ds
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from backfill.commit import land, recover
 from backfill.ledger import Ledger
 from backfill.models import WindowRecord, WindowState
+from backfill.objstore import ObjectStore
 from backfill.simulator import ground_truth
 from backfill.simulator.data import encode_json
-from backfill.store import LocalStore
 from tests.simkit import LARGE, settings
+from tests.storekit import from_spec, spec
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from tests.storekit import Store, Stores
 
 S = WindowState
 DAY = 86_400_000
@@ -37,14 +40,14 @@ _CHILD = textwrap.dedent(
     from backfill import crashpoints
     from backfill.commit import land
     from backfill.ledger import Ledger
-    from backfill.store import LocalStore
+    from tests.storekit import from_spec
 
     async def main() -> None:
         work = Path(sys.argv[1])
         ledger = await Ledger.open(work / "ledger.sqlite")
         (record,) = await ledger.windows(states=["DOWNLOADED"])
         crashpoints.arm(sys.argv[2])
-        await land(ledger, LocalStore(work / "out"), record, work / "download.gz")
+        await land(ledger, from_spec(sys.argv[3]), record, work / "download.gz")
 
     anyio.run(main)
     """
@@ -59,16 +62,7 @@ async def _to_downloaded(ledger: Ledger, record: WindowRecord) -> WindowRecord:
     return record
 
 
-def _visible(work: Path) -> list[Path]:
-    return (
-        sorted((work / "out" / "events").rglob("*.parquet"))
-        if (work / "out" / "events").exists()
-        else []
-    )
-
-
-def _rows(work: Path) -> list[tuple[Any, ...]]:
-    table = ds.dataset(work / "out" / "events", format="parquet", partitioning="hive").to_table()
+def _rows(stores: Stores, store: Store) -> list[tuple[Any, ...]]:
     return sorted(
         (
             r["sessionTimestamp"].timestamp(),
@@ -76,7 +70,7 @@ def _rows(work: Path) -> list[tuple[Any, ...]]:
             r["eventName"],
             str(r["eventParameters"]),
         )
-        for r in table.to_pylist()
+        for r in stores.landed(store)
     )
 
 
@@ -92,13 +86,13 @@ def _truth() -> list[tuple[Any, ...]]:
     )
 
 
-async def _prepare(work: Path, *, committed_first: bool) -> Ledger:
+async def _prepare(work: Path, store: Store, *, committed_first: bool) -> Ledger:
     (work / "download.gz").write_bytes(gzip.compress(encode_json(ROWS)))
     ledger = await Ledger.open(work / "ledger.sqlite")
     (record,) = await ledger.add_windows("quest", START, START + 3 * DAY, size_ms=3 * DAY)
     record = await _to_downloaded(ledger, record)
     if committed_first:  # a committed window being re-pulled: the old attempt must survive a kill
-        record = await land(ledger, LocalStore(work / "out"), record, work / "download.gz")
+        record = await land(ledger, store, record, work / "download.gz")
         await _to_downloaded(ledger, record)
     return ledger
 
@@ -117,19 +111,21 @@ CRASHES = [
 @pytest.mark.parametrize("committed_first", [False, True], ids=["first-attempt", "re-pull"])
 @pytest.mark.parametrize("crash_at", CRASHES)
 async def test_a_kill_at_any_landing_step_ends_with_each_row_exactly_once(
-    tmp_path: Path, crash_at: str, committed_first: bool
+    tmp_path: Path, stores: Stores, crash_at: str, committed_first: bool
 ) -> None:
-    ledger = await _prepare(tmp_path, committed_first=committed_first)
+    writer = stores.make()
+    ledger = await _prepare(tmp_path, writer, committed_first=committed_first)
     await ledger.close()
     done = await anyio.run_process(
-        [sys.executable, "-c", _CHILD, str(tmp_path), crash_at], cwd=ROOT, check=False
-    )
+        [sys.executable, "-c", _CHILD, str(tmp_path), crash_at, spec(writer)], cwd=ROOT,
+        check=False,
+    )  # fmt: skip
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
-    for path in _visible(tmp_path):  # whatever a reader can see has its footer
-        assert pq.read_metadata(path).num_rows > 0
+    for name in stores.parquet(writer):  # whatever a reader can see has its footer
+        assert pq.read_metadata(pa.BufferReader(stores.read(writer, name))).num_rows > 0
 
     ledger = await Ledger.open(tmp_path / "ledger.sqlite")
-    writer = LocalStore(tmp_path / "out")
+    writer = from_spec(spec(writer))  # a new process's store
     report = await recover(ledger, writer)
     (record,) = await ledger.windows()
     if record.state is not S.COMMITTED:
@@ -138,17 +134,16 @@ async def test_a_kill_at_any_landing_step_ends_with_each_row_exactly_once(
             ledger, writer, await _to_downloaded(ledger, record), tmp_path / "download.gz"
         )
     assert record.state is S.COMMITTED
-    assert _rows(tmp_path) == _truth(), "every row exactly once"
-    manifests = writer.manifests()
-    assert [p.name for p in manifests] == [f"{record.id}.{record.committed_attempt}.json"]
-    listed = {
-        tmp_path / "out" / "events" / "app=quest" / f.path
-        for f in writer.load_manifest(manifests[0]).files
-    }
-    assert set(_visible(tmp_path)) == listed, "no orphan file"
-    assert not (tmp_path / "out" / "_staging").exists() or not any(
-        (tmp_path / "out" / "_staging").rglob("*.parquet")
-    )
+    assert _rows(stores, writer) == _truth(), "every row exactly once"
+    manifests = [f for f in stores.files(writer) if f.startswith("_manifests/")]
+    assert manifests == [f"_manifests/quest/{record.id}.{record.committed_attempt}.json"]
+    assert record.committed_attempt is not None
+    manifest = writer.load("quest", record.id, record.committed_attempt)
+    assert manifest is not None
+    listed = {f"events/app=quest/{f.path}" for f in manifest.files}
+    assert set(stores.parquet(writer)) == listed, "no orphan file"
+    staged = writer.local if isinstance(writer, ObjectStore) else writer
+    assert not any(staged.layout.staging.rglob("*.parquet"))
     again = await recover(ledger, writer)
     assert (again.finished, again.requeued, again.swept) == ([], [], 0), (
         "a second recovery changes nothing"

@@ -15,8 +15,8 @@ from backfill import audit
 from backfill.commit import land
 from backfill.errors import StaleAttemptError, StorageError
 from backfill.models import WindowState
+from backfill.objstore import open_store
 from backfill.simulator import Faults
-from backfill.store import LocalStore
 from tests.enginekit import APPS, engine, engine_settings, landed, sim_settings, simulator, truth
 
 if TYPE_CHECKING:
@@ -215,6 +215,6 @@ async def test_a_stale_worker_cannot_commit_a_superseded_attempt(tmp_path: Path)
             source = tmp_path / "download.gz"
             source.write_bytes(b"")  # an empty window: staging succeeds, the commit must not
             with pytest.raises(StaleAttemptError):
-                await land(run.ledger, LocalStore(settings.output.root), stale, source)
+                await land(run.ledger, open_store(settings), stale, source)
             await run.run(settings.apps)  # recovery sweeps the stale staging; attempt 2 lands
         await _exact_and_stable(settings, sim, (SMALL,))

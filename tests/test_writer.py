@@ -11,6 +11,7 @@ import zipfile
 from typing import TYPE_CHECKING, Any
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -25,6 +26,8 @@ from tests.simkit import LARGE, SMALL, settings
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from tests.storekit import Store, Stores
 
 DAY = 86_400_000
 START = 20_000 * DAY  # 2024-10-04
@@ -63,7 +66,7 @@ def _key(row: dict[str, Any]) -> str:
 
 
 def stage_publish(
-    writer: LocalStore,
+    writer: Store,
     source: Path,
     app: str = "quest",
     window_id: int = 1,
@@ -99,7 +102,7 @@ def write(path: Path, payload: bytes) -> Path:
         "json-crlf",
     ],
 )
-def test_round_trip_equals_the_ground_truth(tmp_path: Path, encoding: str) -> None:
+def test_round_trip_equals_the_ground_truth(tmp_path: Path, stores: Stores, encoding: str) -> None:
     rows = truth(LARGE.api_key, days=4)
     text = encode_json(rows) if encoding.startswith("json") else encode_csv(rows)
     if encoding == "json-crlf":
@@ -117,20 +120,22 @@ def test_round_trip_equals_the_ground_truth(tmp_path: Path, encoding: str) -> No
         payload = gzip.compress(text)
     source = write(tmp_path / "download", payload)
     # Small blocks, so that records cross block boundaries many times.
-    writer = LocalStore(tmp_path / "out", limits=Limits(block_bytes=64 << 10))
+    writer = stores.make(limits=Limits(block_bytes=64 << 10))
     manifest = stage_publish(writer, source, days=4)
     assert manifest.rows == len(rows) and manifest.rejected == 0
-    got = landed(tmp_path / "out")
+    got = stores.landed(writer)
     assert sorted(map(_key, got)) == sorted(map(_key, expected(rows)))
     for row in got:
         assert row["dt"] == row["sessionTimestamp"].strftime("%Y-%m-%d")
         assert row["app"] == "quest"
 
 
-def test_files_have_the_one_schema_sorted_zstd_with_statistics(tmp_path: Path) -> None:
+def test_files_have_the_one_schema_sorted_zstd_with_statistics(
+    tmp_path: Path, stores: Stores
+) -> None:
     rows = truth(LARGE.api_key, days=3)
     rows.reverse()  # arrive unsorted: the writer sorts within each file
-    writer = LocalStore(tmp_path / "out", limits=Limits(block_bytes=32 << 10))
+    writer = stores.make(limits=Limits(block_bytes=32 << 10))
     manifest = stage_publish(writer, write(tmp_path / "d.gz", gzip.compress(encode_json(rows))))
     assert {f.partition for f in manifest.files} == {
         "dt=2024-10-04",
@@ -138,7 +143,7 @@ def test_files_have_the_one_schema_sorted_zstd_with_statistics(tmp_path: Path) -
         "dt=2024-10-06",
     }
     for item in manifest.files:
-        path = tmp_path / "out" / "events" / "app=quest" / item.path
+        path = pa.BufferReader(stores.read(writer, f"events/app=quest/{item.path}"))
         meta = pq.read_metadata(path)
         assert meta.schema.to_arrow_schema().equals(SCHEMA)
         column = meta.row_group(0).column(0)
@@ -149,14 +154,13 @@ def test_files_have_the_one_schema_sorted_zstd_with_statistics(tmp_path: Path) -
         assert meta.num_rows == item.rows
 
 
-def test_the_first_and_last_millisecond_land_in_their_own_day(tmp_path: Path) -> None:
+def test_the_first_and_last_millisecond_land_in_their_own_day(
+    tmp_path: Path, stores: Stores
+) -> None:
     rows = truth(SMALL.api_key, days=2)
-    stage_publish(
-        LocalStore(tmp_path / "out"),
-        write(tmp_path / "d.gz", gzip.compress(encode_json(rows))),
-        days=2,
-    )
-    got = landed(tmp_path / "out")
+    writer = stores.make()
+    stage_publish(writer, write(tmp_path / "d.gz", gzip.compress(encode_json(rows))), days=2)
+    got = stores.landed(writer)
     edges = {(r["sessionTimestamp"].isoformat(), r["dt"]) for r in got}
     assert ("2024-10-04T23:59:59.999000+00:00", "2024-10-04") in edges
     assert ("2024-10-05T00:00:00+00:00", "2024-10-05") in edges
@@ -188,11 +192,14 @@ def test_duckdb_reads_the_output_with_hive_partitions_and_map_lookups(tmp_path: 
 
 
 @pytest.mark.parametrize("payload", [b"", gzip.compress(b""), gzip.compress(encode_csv([]))])
-def test_an_empty_window_lands_no_file_and_a_zero_manifest(tmp_path: Path, payload: bytes) -> None:
-    writer = LocalStore(tmp_path / "out")
+def test_an_empty_window_lands_no_file_and_a_zero_manifest(
+    tmp_path: Path, stores: Stores, payload: bytes
+) -> None:
+    writer = stores.make()
     manifest = stage_publish(writer, write(tmp_path / "d.gz", payload))
     assert (manifest.rows, manifest.files) == (0, ())
-    assert writer.manifest_path("quest", 1, 0).exists()
+    assert writer.load("quest", 1, 0) == manifest
+    assert not [f for f in stores.files(writer) if f.startswith("events/")]
 
 
 def _corrupt_crc(data: bytes) -> bytes:
@@ -277,7 +284,7 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(
     assert leftovers == [], "a failed stage leaves no file"
 
 
-def test_quarantine_keeps_good_rows_and_counts_the_rejects(tmp_path: Path) -> None:
+def test_quarantine_keeps_good_rows_and_counts_the_rejects(tmp_path: Path, stores: Stores) -> None:
     rows = truth()
     bad = [
         b'{"sessionTimestamp": "soon"}',
@@ -286,21 +293,17 @@ def test_quarantine_keeps_good_rows_and_counts_the_rejects(tmp_path: Path) -> No
     ]
     lines = encode_json(rows).splitlines()
     mixed = b"\n".join(lines[:10] + bad[:2] + lines[10:] + bad[2:]) + b"\n"
-    writer = LocalStore(
-        tmp_path / "out", on_bad_rows="quarantine", limits=Limits(block_bytes=16 << 10)
-    )
+    writer = stores.make(on_bad_rows="quarantine", limits=Limits(block_bytes=16 << 10))
     manifest = stage_publish(writer, write(tmp_path / "d.gz", gzip.compress(mixed)))
     assert manifest.rows == len(rows) and manifest.rejected == 3
     assert manifest.rows + manifest.rejected == len(lines) + len(bad)
     rejects = [
         json.loads(line)
-        for line in (tmp_path / "out" / "_rejects" / "quest" / "1.0.ndjson")
-        .read_text()
-        .splitlines()
+        for line in stores.read(writer, "_rejects/quest/1.0.ndjson").decode().splitlines()
     ]
     assert [r["line"] for r in rejects] == [11, 12, len(lines) + 3]
     assert "sessionTimestamp" in rejects[0]["reason"] and rejects[1]["raw"] == "not json at all"
-    assert sorted(map(_key, landed(tmp_path / "out"))) == sorted(map(_key, expected(rows)))
+    assert sorted(map(_key, stores.landed(writer))) == sorted(map(_key, expected(rows)))
 
 
 @pytest.mark.parametrize(
@@ -317,40 +320,40 @@ def test_quarantine_keeps_good_rows_and_counts_the_rejects(tmp_path: Path) -> No
     ],
 )
 def test_hostile_app_names_become_safe_partition_values(
-    tmp_path: Path, name: str, value: str
+    tmp_path: Path, stores: Stores, name: str, value: str
 ) -> None:
     assert partition_value(name) == value
-    writer = LocalStore(tmp_path / "out")
+    writer = stores.make()
     stage_publish(
         writer,
         write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=1)))),
         app=name,
         days=1,
     )
-    root = (tmp_path / "out").resolve()
-    files = [p for p in root.rglob("*") if p.is_file()]
-    assert files and all(p.resolve().is_relative_to(root) for p in files)
-    assert (root / "events" / f"app={value}").is_dir()
+    files = stores.files(writer)  # every file (object) there is, relative to the root
+    assert files and all(f.startswith(("events/", "_manifests/", "_staging/")) for f in files)
+    assert any(f.startswith(f"events/app={value}/dt=") for f in files)
+    assert f"_manifests/{value}/1.0.json" in files
 
 
-def test_sweep_removes_what_no_live_attempt_owns(tmp_path: Path) -> None:
-    writer = LocalStore(tmp_path / "out")
+def test_sweep_removes_what_no_live_attempt_owns(tmp_path: Path, stores: Stores) -> None:
+    writer = stores.make()
     source = write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=2))))
     stage_publish(writer, source, window_id=1, attempt=0, days=2)
     stage_publish(writer, source, window_id=1, attempt=1, days=2)
     stage_publish(writer, source, window_id=2, attempt=0, days=2)
-    (tmp_path / "out" / "events" / "app=quest" / "dt=2024-10-04" / "notes.txt").write_text(
-        "not ours"
-    )
+    stores.write(writer, "events/app=quest/dt=2024-10-04/notes.txt", b"not ours")
     removed = writer.sweep({(1, 1)})
-    names = sorted(p.name for p in (tmp_path / "out" / "events").rglob("*.parquet"))
+    names = sorted(f.rsplit("/", 1)[1] for f in stores.files(writer) if f.endswith(".parquet"))
     assert names == ["part-1-1-0.parquet", "part-1-1-1.parquet"]
-    assert {p.name for p in removed} >= {"1.0.json", "2.0.json"}
-    assert (tmp_path / "out" / "events" / "app=quest" / "dt=2024-10-04" / "notes.txt").exists()
+    assert {str(p).rsplit("/", 1)[1] for p in removed} >= {"1.0.json", "2.0.json"}
+    assert "events/app=quest/dt=2024-10-04/notes.txt" in stores.files(writer)
 
 
-def test_load_gives_the_published_manifest_of_that_attempt_only(tmp_path: Path) -> None:
-    writer = LocalStore(tmp_path / "out")
+def test_load_gives_the_published_manifest_of_that_attempt_only(
+    tmp_path: Path, stores: Stores
+) -> None:
+    writer = stores.make()
     source = write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=1))))
     manifest = stage_publish(writer, source, window_id=3, attempt=1, days=1)
     assert writer.load("quest", 3, 1) == manifest
@@ -382,32 +385,30 @@ def test_manifest_and_download_names_parse_back_to_their_attempt() -> None:
     assert download_owner("12.gz") is None
 
 
-def test_rows_outside_the_window_fail_it_or_are_set_aside(tmp_path: Path) -> None:
+def test_rows_outside_the_window_fail_it_or_are_set_aside(tmp_path: Path, stores: Stores) -> None:
     rows = truth(days=3)  # the window asked for is only the first two days
     source = write(tmp_path / "d.gz", gzip.compress(encode_json(rows)))
-    strict = LocalStore(tmp_path / "strict")
+    strict = stores.make("strict")
     with pytest.raises(BadDataError, match="outside the requested window"):
         stage_publish(strict, source, days=2)
-    assert not list((tmp_path / "strict").rglob("*.parquet"))
-    lenient = LocalStore(tmp_path / "out", on_bad_rows="quarantine")
+    assert not [f for f in stores.files(strict) if f.endswith(".parquet")]
+    lenient = stores.make(on_bad_rows="quarantine")
     manifest = stage_publish(lenient, source, days=2)
     inside = [r for r in rows if r["sessionTimestamp"] < START + 2 * DAY]
     assert manifest.rows == len(inside) and manifest.rejected == len(rows) - len(inside) > 0
-    assert sorted(map(_key, landed(tmp_path / "out"))) == sorted(map(_key, expected(inside)))
+    assert sorted(map(_key, stores.landed(lenient))) == sorted(map(_key, expected(inside)))
 
 
-def test_sweep_removes_quarantine_files_of_dead_attempts(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "out")
-    rejects = tmp_path / "out" / "_rejects" / "quest"
-    rejects.mkdir(parents=True)
+def test_sweep_removes_quarantine_files_of_dead_attempts(stores: Stores) -> None:
+    store = stores.make()
     for name in ("1.0.ndjson", "1.1.ndjson", "notes.txt"):
-        (rejects / name).write_text("{}\n")
+        stores.write(store, f"_rejects/quest/{name}", b"{}\n")
     store.sweep({(1, 1)})
-    assert sorted(p.name for p in rejects.iterdir()) == ["1.1.ndjson", "notes.txt"]
+    assert stores.files(store) == ["_rejects/quest/1.1.ndjson", "_rejects/quest/notes.txt"]
 
 
-def test_sweeping_downloads_leaves_other_apps_alone(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "out")
+def test_sweeping_downloads_leaves_other_apps_alone(stores: Stores) -> None:
+    store = stores.make()
     for app in ("a", "b"):
         path = store.download_path(app, 1, 0)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,14 +417,16 @@ def test_sweeping_downloads_leaves_other_apps_alone(tmp_path: Path) -> None:
     assert not store.download_path("a", 1, 0).exists() and store.download_path("b", 1, 0).exists()
 
 
-def test_verify_reports_a_file_whose_rows_lie_outside_its_window(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "out")
+def test_verify_reports_a_file_whose_rows_lie_outside_its_window(
+    tmp_path: Path, stores: Stores
+) -> None:
+    store = stores.make()
     source = write(tmp_path / "d.gz", gzip.compress(encode_json(truth(days=3))))
     manifest = stage_publish(store, source, days=3)
     path = store.manifest_path("quest", 1, 0)
     assert store.check_manifest(path, manifest.rows) == []
-    document = json.loads(path.read_text())
+    document = json.loads(stores.read(store, "_manifests/quest/1.0.json"))
     document["end_ms"] = START + 2 * DAY  # as if the window were two days: its third is a stray
-    path.write_text(json.dumps(document))
+    stores.write(store, "_manifests/quest/1.0.json", json.dumps(document).encode())
     problems = store.check_manifest(path, manifest.rows)
     assert len(problems) == 1 and "outside its window" in problems[0]

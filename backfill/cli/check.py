@@ -18,7 +18,7 @@ import anyio
 from backfill import config, logs
 from backfill.cli import session
 from backfill.cli.exits import EXIT_AUTH, EXIT_INTEGRITY, EXIT_OK, EXIT_TRANSIENT, EXIT_USAGE
-from backfill.errors import AuthError, BackfillError, ConfigError, TransportError
+from backfill.errors import AuthError, BackfillError, ConfigError, StorageError, TransportError
 
 if TYPE_CHECKING:
     import argparse
@@ -100,10 +100,14 @@ def _line(name: str, result: str | BaseException, code: int = EXIT_OK, *, note: 
 
 
 async def _root(settings: Settings) -> int:
+    from backfill.objstore import check_output
+
     try:
-        config.check_writable(settings)
+        check_output(settings)
     except ConfigError as exc:
         return _line("root", exc, EXIT_USAGE)
+    except StorageError as exc:
+        return _line("root", exc, EXIT_TRANSIENT)
     return _line("root", f"{settings.output.root} (writable)")
 
 

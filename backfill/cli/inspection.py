@@ -80,7 +80,7 @@ async def _plan_refresh(
         async with session.open_ledger(settings) as ledger:
             chosen = await life.refresh_choice(
                 ledger,
-                settings.output.root,
+                settings,
                 apps[0].name,
                 args.start,
                 args.end,
@@ -241,7 +241,7 @@ async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     Without a ledger there is nothing to verify against: a usage error (exit 2), not damage.
     """
     from backfill import audit
-    from backfill.store import LocalStore
+    from backfill.objstore import open_store
 
     settings = session.load(args, env)
     if not settings.ledger_exists():
@@ -250,7 +250,7 @@ async def verify(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "config yet, or [ledger].path points elsewhere)"
         )
     async with session.open_ledger(settings) as ledger:
-        problems = await audit.verify(ledger, LocalStore(settings.output.root))
+        problems = await audit.verify(ledger, open_store(settings))
         committed = len(await ledger.windows(states=[WindowState.COMMITTED]))
     for problem in problems:
         print(f"problem: {problem}")

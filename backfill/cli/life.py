@@ -10,6 +10,7 @@ is retired or was added by mistake.  Both hold the run lock.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -22,8 +23,8 @@ from backfill.models import WindowState
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Mapping
-    from pathlib import Path
 
+    from backfill.config import Settings
     from backfill.layout import Layout
     from backfill.models import WindowRecord
     from backfill.ports import LedgerPort
@@ -33,7 +34,7 @@ __all__ = ["app_folders", "forget", "refresh", "refresh_choice"]
 
 async def refresh_choice(
     ledger: LedgerPort,
-    root: Path,
+    settings: Settings,
     app: str,
     start: int | None,
     end: int | None,
@@ -53,9 +54,9 @@ async def refresh_choice(
     if not damaged:
         return [r for r in records if r.state is WindowState.COMMITTED]
     from backfill import audit
-    from backfill.store import LocalStore
+    from backfill.objstore import open_store
 
-    problems = await audit.verify(ledger, LocalStore(root))
+    problems = await audit.verify(ledger, open_store(settings))
     broken = {p.window_id for p in problems if p.window_id is not None}
     return [r for r in records if r.id in broken and r.committed_attempt is not None]
 
@@ -107,13 +108,18 @@ async def forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     settings = session.load(args, env)
     name = args.app
+    if isinstance(settings.output.root, str):
+        raise ConfigError(
+            f"forget: output.root = {settings.output.root!r} is an object-store root; forget "
+            "works on a local root only (delete the app's objects with the store's own tools)"
+        )
     if not settings.ledger_exists():
         raise ConfigError(f"{settings.ledger_shown}: no ledger, nothing to forget")
     with session.exclusive(settings):
         async with session.open_ledger(settings) as ledger:
             records = await ledger.windows(apps=[name])
             known = await ledger.recorded_settings(name) is not None
-            layout = LocalStore(settings.output.root).layout
+            layout = LocalStore(Path(settings.output.root)).layout
             folders = [f for f in app_folders(layout, name) if f.exists() or f.is_symlink()]
             if not records and not known and not folders:
                 raise ConfigError(f"forget: no app {name!r} in the ledger or under {layout.root}")

@@ -80,6 +80,12 @@ def _target(args: argparse.Namespace) -> tuple[Path, Path | None, Literal["fail"
     if args.config is not None:
         settings = config.load(args.config)
         root = settings.output.root
+        if isinstance(root, str):
+            raise ConfigError(
+                f"convert: output.root = {root!r} is an object-store root; convert lands into a "
+                "local root only (convert into a local folder with --out, or let `backfill run` "
+                "pull the window into the bucket)"
+            )
         if args.out is not None and args.out.resolve() != root.resolve():
             raise ConfigError(f"--out {args.out}: not the output root of {args.config} ({root})")
         return root, settings.ledger_path, args.on_bad_rows or settings.output.on_bad_rows
