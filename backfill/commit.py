@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from backfill import logs
 from backfill.errors import ShrinkError, StaleAttemptError, StorageError
-from backfill.models import WindowRecord, WindowState
+from backfill.models import UNFINISHED, WindowRecord, WindowState
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -243,11 +243,17 @@ async def sweep(ledger: LedgerPort, store: StorePort) -> int:
     publish under way).  The store is listed before the ledger is read, so a file published
     while the sweep runs is never taken for an orphan: its window was STAGED before the file
     appeared, and is STAGED or COMMITTED at that attempt when the ledger is read, or no one's.
+    On a shared ledger the local work (staging folders, downloads) is swept the same way:
+    kept while its window is unfinished at that attempt.
     """
     listing = await anyio.to_thread.run_sync(store.listing)
+    work = await anyio.to_thread.run_sync(store.work_listing) if ledger.shared else []
     records = await ledger.windows()
     live = {(r.id, r.committed_attempt) for r in records if r.committed_attempt is not None}
     live |= {(r.id, r.attempt) for r in records if r.state is S.STAGED}
+    if work:  # staging and downloads that no unfinished attempt owns: a dead worker's
+        keep = {(r.id, r.attempt) for r in records if r.state in UNFINISHED}
+        await anyio.to_thread.run_sync(store.sweep_work, keep, work)
     return len(await anyio.to_thread.run_sync(store.sweep, live, listing))
 
 

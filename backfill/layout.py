@@ -53,6 +53,7 @@ _PART = re.compile(r"part-(\d+)-(\d+)-\d+\.parquet")
 _MANIFEST = re.compile(r"(\d+)\.(\d+)\.json")
 _DOWNLOAD = re.compile(r"(\d+)\.(\d+)\.gz")
 _REJECTS = re.compile(r"(\d+)\.(\d+)\.ndjson")
+_STAGED = re.compile(r"(\d+)\.(\d+)")
 
 
 def partition_value(name: str) -> str:
@@ -100,6 +101,11 @@ def manifest_owner(name: str) -> tuple[int, int] | None:
 def rejects_owner(name: str) -> tuple[int, int] | None:
     """The (window id, attempt) of a quarantine file name, or None if not ours."""
     return _owner(_REJECTS, name)
+
+
+def staged_owner(name: str) -> tuple[int, int] | None:
+    """The (window id, attempt) of a staging folder's name, or None if not ours."""
+    return _owner(_STAGED, name)
 
 
 def download_owner(name: str) -> tuple[int, int] | None:

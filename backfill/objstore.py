@@ -278,6 +278,16 @@ class ObjectStore:
         """Delete local downloads of ``apps`` not in ``keep`` (``LocalStore.sweep_downloads``)."""
         return self.local.sweep_downloads(keep, apps)
 
+    def work_listing(self) -> list[tuple[Path, tuple[int, int]]]:
+        """The local work of each attempt (``LocalStore.work_listing``)."""
+        return self.local.work_listing()
+
+    def sweep_work(
+        self, keep: set[tuple[int, int]], listing: list[tuple[Path, tuple[int, int]]]
+    ) -> int:
+        """Delete the listed local work of attempts not in ``keep`` (``LocalStore.sweep_work``)."""
+        return self.local.sweep_work(keep, listing)
+
     def discard_staging(self) -> None:
         """Drop everything staged locally (call only when no stage is running)."""
         self.local.discard_staging()

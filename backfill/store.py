@@ -34,6 +34,7 @@ from backfill.layout import (
     part_owner,
     partition_value,
     rejects_owner,
+    staged_owner,
 )
 from backfill.manifest import Manifest, ManifestFile, sha256
 from backfill.models import iso
@@ -322,9 +323,52 @@ class LocalStore:
         doomed = [p for p in found if _dead(download_owner(p.name), keep)]
         return sum(self.layout.remove_file(p) for p in doomed)
 
+    def work_listing(self) -> list[tuple[Path, tuple[int, int]]]:
+        """Each attempt's local work (its staging folder, its download) with its owner: the
+        first half of ``sweep_work``, taken before the ledger is read.  A link met is an
+        ``IntegrityError`` naming it."""
+        layout = self.layout
+        found = []
+        for app_dir in _folders(layout.staging):
+            found += [(d, o) for d in _folders(app_dir) if (o := staged_owner(d.name))]
+        downloads, links = layout.files(layout.downloads, 2)
+        _refuse_links(links)
+        found += [(p, o) for p in downloads if (o := download_owner(p.name))]
+        return found
+
+    def sweep_work(
+        self, keep: set[tuple[int, int]], listing: list[tuple[Path, tuple[int, int]]]
+    ) -> int:
+        """Delete the listed local work of attempts not in ``keep``; returns how many.
+
+        For a ledger many workers share: another worker's stage or download under way is in
+        ``keep`` (its window is unfinished at that attempt), one a dead worker left is not.
+        """
+        gone = 0
+        for path, owner in listing:
+            if owner not in keep:
+                try:
+                    if path.is_dir():
+                        self.layout.remove_tree(path)
+                    else:
+                        self.layout.remove_file(path)
+                except FileNotFoundError:  # another worker is sweeping it at the same moment
+                    continue
+                gone += 1
+        return gone
+
     def discard_staging(self) -> None:
         """Drop everything staged (call only when no stage is running); never through a link."""
         self.layout.remove_tree(self.layout.staging)
+
+
+def _folders(base: Path) -> list[Path]:
+    """The real folders just below ``base`` (a link is refused, naming it)."""
+    if not base.is_dir() or base.is_symlink():
+        return []
+    entries = list(base.iterdir())
+    _refuse_links([e for e in entries if e.is_symlink()])
+    return [e for e in entries if e.is_dir()]
 
 
 def _dead(owner: tuple[int, int] | None, live: set[tuple[int, int]]) -> bool:

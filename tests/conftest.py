@@ -15,10 +15,11 @@ import pytest
 
 from backfill import logs
 
-pytest_plugins = ["tests.s3server", "tests.storekit"]  # the loopback S3 server, `s3_root`, `stores`
+# The loopback S3 server (`s3_root`), the store fixtures (`stores`) and the throwaway
+# PostgreSQL cluster (`pg_server`, `pg_url`).
+pytest_plugins = ["tests.s3server", "tests.storekit", "tests.pgserver"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
-pytest_plugins = ["tests.pgserver"]  # the throwaway PostgreSQL cluster (pg_server, pg_url)
 
 
 def pytest_configure(config: pytest.Config) -> None:

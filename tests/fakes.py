@@ -185,5 +185,13 @@ class FakeStore:
             del self.published[key]
         return [self.manifest_path("", *key) for key in gone]
 
+    def work_listing(self) -> list[tuple[Path, tuple[int, int]]]:
+        return []
+
+    def sweep_work(
+        self, keep: set[tuple[int, int]], listing: list[tuple[Path, tuple[int, int]]]
+    ) -> int:
+        return 0
+
     def sweep_downloads(self, keep: set[tuple[int, int]], apps: Iterable[str]) -> int:
         return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
     from tests.s3server import S3Root
 
 APPS = tuple(
-    AppProfile(name=f"app{i:03d}", api_key=f"APP{i:017d}", sessions_per_day=1,
+    AppProfile(name=f"app{i:03d}", api_key=f"APP{i:017d}", sessions_per_day=2,
                events_per_session=1)
-    for i in range(100)
+    for i in range(int(os.environ.get("T_APPS", "100")))
 )  # fmt: skip
 CAP = 8  # requests processing at the simulator at once, shared by all workers
 LEASE_S = 3.0
@@ -115,10 +116,10 @@ async def test_four_workers_kills_and_a_pause_past_the_lease_land_exactly_once(
         workers: list[Process] = []
         logs = [tmp_path / f"worker{i}.log" for i in range(4)]
         for log in logs:
-            handle = log.open("wb")
-            workers.append(await anyio.open_process(command, cwd=ROOT, env=env,
-                                                    stdout=handle, stderr=handle))  # fmt: skip
-        await _until_calls(calls, 600)
+            with log.open("wb") as handle:  # the child keeps its own copy of the descriptor
+                workers.append(await anyio.open_process(command, cwd=ROOT, env=env,
+                                                        stdout=handle, stderr=handle))  # fmt: skip
+        await _until_calls(calls, 6 * len(APPS))
         workers[0].send_signal(signal.SIGKILL)
         workers[1].send_signal(signal.SIGKILL)
         workers[2].send_signal(signal.SIGSTOP)
@@ -135,7 +136,7 @@ async def test_four_workers_kills_and_a_pause_past_the_lease_land_exactly_once(
                                           cwd=ROOT, env=env, check=False)  # fmt: skip
         shown = status.stdout.decode()
         assert status.returncode == 0 and "workers:" in shown, shown
-        assert " 0 windows" in shown and " 1 window" not in shown, "no lease left held"
+        assert not re.search(r" [1-9][0-9]* windows?$", shown, re.M), "no lease left held"
 
     resumed = logs[2].read_text()
     assert "window.turn.stale" in resumed, "the paused worker's windows were taken over"
