@@ -103,8 +103,8 @@ class _QuoteCount:
         word = positions >> 3
         inside = (np.uint64(1) << ((positions & 7) * 8).astype(np.uint64)) - np.uint64(1)
         partial = ((self.words[word] & inside) * _ONES) >> np.uint64(56)
-        parity: np.ndarray[Any, Any] = (self.before[word] + partial) & np.uint64(1)
-        return parity == 0
+        even: np.ndarray[Any, Any] = ((self.before[word] + partial) & np.uint64(1)) == 0
+        return even
 
 
 def blocks(

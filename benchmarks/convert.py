@@ -210,7 +210,9 @@ def run_polars(source: Path, out: Path, fmt: str) -> int:
     plain = {"BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64, "VARCHAR": pl.String}
     types = {k: mapped if k in _MAPS else plain[v] for k, v in _COLUMNS.items()}
     if fmt == "csv":
-        scan = pl.scan_csv(source, schema={k: (pl.String if k in _MAPS else v) for k, v in types.items()})
+        scan = pl.scan_csv(
+            source, schema={k: (pl.String if k in _MAPS else v) for k, v in types.items()}
+        )
         scan = scan.with_columns([pl.col(k).str.json_decode(mapped) for k in _MAPS])
     else:
         scan = pl.scan_csv(
