@@ -7,7 +7,9 @@ growth from 2 M), ``windows.py`` (the same rows landed as 500 one-hour windows o
 window, through ``commit.land`` with a SQLite ledger) and ``makespan.py`` (ours, the naive
 one-at-a-time client, and the ``ceil(N / C) * T`` lower bound), then prints one table.  Ratios
 are baseline / ours for times and memory (above 1: ours is better), many / one for the small
-windows, ours / bound for makespan.  ``--quick`` runs small sizes once, for a smoke test.
+windows, ours / bound for makespan.  ``--quick`` runs small sizes once, for a smoke test;
+``--before DIR`` adds an older ``backfill`` package (``git archive <commit> backfill | tar -x
+-C DIR``) as one more baseline of the conversion.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _convert_rows(
         ours = results.pop("ours")
         kept[fmt] = {"ours": ours, "polars": results.get("polars", {})}
         name = f"convert {rows:,} rows {fmt.upper()}"
-        for base, result in results.items():
+        for engine, result in results.items():
+            base = "before" if engine.startswith("ours@") else engine
             if "error" in result or "error" in ours:
                 problem = result.get("error") or ours.get("error")
                 table.append((name, "seconds", "-", base, f"failed: {problem}"))
@@ -155,6 +158,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=500, help="0: no small-windows case")
     parser.add_argument("--repeat", type=int, default=3, help="runs of ours and Polars (median)")
     parser.add_argument("--quick", action="store_true", help="200 k rows, 50 windows, one run")
+    parser.add_argument(
+        "--before", type=Path, help="a folder holding an older backfill package: one more baseline"
+    )
     parser.add_argument("--work", type=Path, default=convert.ROOT / "data" / "bench")
     args = parser.parse_args()
     if args.quick:
@@ -162,6 +168,7 @@ def main() -> None:
     logs.configure(fmt="json", level="warning")
     args.work.mkdir(parents=True, exist_ok=True)
     engines = ["ours", "polars", "duckdb"] + (["naive"] if args.rows <= 2_000_000 else [])
+    engines += [f"ours@{args.before.resolve()}"] if args.before else []
     table, kept = _convert_rows(args.rows, args.work, args.repeat, engines)
     if args.memory_rows:
         table += _memory_rows(args.memory_rows, args.work, kept, args.rows)

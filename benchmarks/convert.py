@@ -256,6 +256,9 @@ def child(engine: str, source: Path, out: Path, fmt: str) -> None:
 
 
 def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
+    """One engine's run in a child process.  ``ours@DIR`` is ours with the ``backfill`` package
+    found in ``DIR`` (an older checkout, say: ``git archive <commit> backfill | tar -x -C DIR``)."""
+    engine, _, code = engine.partition("@")
     out = work / f"out-{engine}"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", engine, str(source), str(out), fmt]
@@ -265,7 +268,7 @@ def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
         text=True,
         check=False,
         cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        env=os.environ | {"PYTHONPATH": code or str(ROOT)},
     )
     shutil.rmtree(out, ignore_errors=True)
     if done.returncode != 0:
