@@ -91,12 +91,15 @@ class _QuoteCount:
     """
 
     def __init__(self, view: np.ndarray[Any, Any]) -> None:
-        marks = view == 34
-        if len(marks) % 8:
-            marks = np.concatenate((marks, np.zeros(8 - len(marks) % 8, dtype=bool)))
-        self.words = marks.view(np.uint64)
-        per_word = (self.words * _ONES) >> np.uint64(56)
-        self.before = np.cumsum(per_word) - per_word  # the quotes in the words before each
+        whole = len(view) // 8 * 8  # the last few bytes: a word of their own, zero-padded
+        self.words = np.zeros(whole // 8 + 1, dtype=np.uint64)
+        marks = self.words.view(np.bool_)
+        np.equal(view[:whole], 34, out=marks[:whole])
+        np.equal(view[whole:], 34, out=marks[whole : len(view)])
+        per_word = self.words * _ONES
+        per_word >>= np.uint64(56)
+        self.before = np.cumsum(per_word)
+        self.before -= per_word  # the quotes in the words before each
 
     def even_before(self, positions: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """True where an even number of quotes precede each position."""
@@ -120,7 +123,8 @@ def blocks(
     Blank space between records costs no block: a piece of nothing but whitespace, with no
     record begun, is counted (for line numbers) and dropped.
     """
-    carry = b""
+    carry, have = b"", 0
+    waiting: list[bytes] = []  # pieces are joined once, when a block's worth has come
     pieces = iter(pieces)
     # The first blocks are small and each one doubles up to ``block_bytes``: a small download
     # (a window of a few thousand rows) still makes blocks enough to keep every parser busy.
@@ -129,17 +133,22 @@ def blocks(
         check_stop()
         piece = next(pieces, None)
         if piece is not None:
-            if piece.isspace() and (not carry or carry.isspace()):
+            if piece.isspace() and not waiting and (not carry or carry.isspace()):
                 line += carry.count(b"\n") + piece.count(b"\n")
                 carry = b""
                 continue
-            carry += piece
-            if len(carry) < size:
+            waiting.append(piece)
+            have += len(piece)
+            if len(carry) + have < size:
                 continue
-        elif not carry.strip():
-            return
-        elif not carry.endswith(b"\n"):
-            carry += b"\n"
+        if waiting:
+            carry, have = b"".join([carry, *waiting]), 0
+            waiting.clear()
+        if piece is None:
+            if not carry.strip():
+                return
+            if not carry.endswith(b"\n"):
+                carry += b"\n"
         block, last = _frame_head(carry, size, line, csv_quotes, limits.max_line_bytes, where)
         if last < 0:
             if len(carry) > limits.max_line_bytes:

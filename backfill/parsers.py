@@ -6,7 +6,8 @@ decoded from their JSON text into ``map<string, string>`` by DuckDB, then the ca
 ``SCHEMA`` with ``eventTimestamp`` derived.  A block that does not parse goes to
 ``rowcheck.sift``, which names the bad row or quarantines it; the good rows are parsed again.
 ``ParserPool`` runs ``workers`` parsers on the process's shared parse threads (``threads``)
-and yields tables in block order.
+and yields tables in block order; the rows a block sets aside reach the quarantine callback
+then too, so that rejects are written in line order whichever block parses first.
 DuckDB connections are kept on a free list, because opening one costs about 30 ms.
 """
 
@@ -259,6 +260,9 @@ class _Parser:
         return pa.table([columns[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
 
 
+_Parsed = tuple[pa.Table, list[tuple[int, str, str]]]
+
+
 class ParserPool:
     """Parses blocks on ``workers`` threads, each with its own parser; results come in order."""
 
@@ -272,6 +276,7 @@ class ParserPool:
         check_stop: Callable[[], None],
     ) -> None:
         self._check_stop = check_stop
+        self._quarantine = quarantine
         self._idle: queue.Queue[_Parser] = queue.Queue()
         self._all = [
             _Parser(fmt, header, quarantine, limits, check_stop) for _ in range(max(1, workers))
@@ -281,16 +286,20 @@ class ParserPool:
         # Twice the workers: another conversion may run at once, and threads are made lazily.
         self._tasks = threads.Tasks(threads.executor("parse", 2 * len(self._all)))
 
-    def _parse(self, block: Block, where: dict[str, str | None]) -> pa.Table:
+    def _parse(self, block: Block, where: dict[str, str | None]) -> _Parsed:
+        """The block's table, and the rows it set aside (handed on in block order by ``map``)."""
         parser = self._idle.get()
+        held: list[tuple[int, str, str]] = []
+        if self._quarantine is not None:
+            parser.quarantine = lambda line, text, reason: held.append((line, text, reason))
         try:
-            return parser.parse(block, where)
+            return parser.parse(block, where), held
         finally:
             self._idle.put(parser)
 
     def map(self, blocks: Iterable[Block], where: dict[str, str | None]) -> Iterator[pa.Table]:
         """Parsed tables in block order; at most one block waits per worker beyond those running."""
-        pending: deque[Future[pa.Table]] = deque()
+        pending: deque[Future[_Parsed]] = deque()
         try:
             for block in blocks:
                 self._check_stop()
@@ -303,14 +312,20 @@ class ParserPool:
             for future in pending:
                 future.cancel()
 
-    def _result(self, future: Future[pa.Table]) -> pa.Table:
-        """The future's table, waiting in short steps so that a stop is seen within 0.1 s."""
+    def _result(self, future: Future[_Parsed]) -> pa.Table:
+        """The future's table, waiting in short steps so that a stop is seen within 0.1 s; the
+        rows it set aside go to quarantine now, so that they are written in line order."""
         while True:
             self._check_stop()
             try:
-                return future.result(timeout=0.1)
+                table, held = future.result(timeout=0.1)
+                break
             except TimeoutError:
                 continue
+        for line, text, reason in held:
+            assert self._quarantine is not None
+            self._quarantine(line, text, reason)
+        return table
 
     def close(self) -> None:
         self._tasks.cancel()
