@@ -169,19 +169,29 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     engines = ["ours", "polars", "duckdb"] + (["naive"] if args.rows <= 2_000_000 else [])
     engines += [f"ours@{args.before.resolve()}"] if args.before else []
+    _show(("benchmark", "figure", "ours", "baseline (same run)", "ratio"), rule=True)
     table, kept = _convert_rows(args.rows, args.work, args.repeat, engines)
+    _show_all(table)
     if args.memory_rows:
-        table += _memory_rows(args.memory_rows, args.work, kept, args.rows)
+        _show_all(_memory_rows(args.memory_rows, args.work, kept, args.rows))
     if args.windows:
-        table += _windows_rows(args.work, args.rows, args.windows, args.repeat)
-    table += asyncio.run(_makespan_rows(4, 2.0, 40))
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
-    heads = ("benchmark", "figure", "ours", "baseline (same run)", "ratio")
-    widths = [max(w, len(h)) for w, h in zip(widths, heads, strict=True)]
-    print("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        _show_all(_windows_rows(args.work, args.rows, args.windows, args.repeat))
+    _show_all(asyncio.run(_makespan_rows(4, 2.0, 40)))
+
+
+_WIDTHS = (36, 28, 7, 22, 30)
+
+
+def _show(row: Row, *, rule: bool = False) -> None:
+    """One row of the table, printed as soon as it is measured (a full run takes minutes)."""
+    print("  ".join(cell.ljust(w) for cell, w in zip(row, _WIDTHS, strict=True)), flush=True)
+    if rule:
+        print("  ".join("-" * w for w in _WIDTHS), flush=True)
+
+
+def _show_all(rows: list[Row]) -> None:
+    for row in rows:
+        _show(row)
 
 
 if __name__ == "__main__":
