@@ -33,8 +33,10 @@ test: $(STAMP)
 test-crash: $(STAMP)
 	$(BIN)/pytest -m crash tests/test_crash_sweep.py
 
+# Polars, the baseline the conversion is measured against, is installed for benchmarks only.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format backfill tests benchmarks

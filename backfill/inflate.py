@@ -5,8 +5,8 @@ name.  A download over ``max_compressed_bytes`` is refused before a byte is read
 may inflate to are capped at ``max_ratio`` times its size (at least ``ratio_grace_bytes``, at
 most ``max_decompressed_bytes``), so a decompression bomb fails the window instead of the disk
 or the memory.  Corrupt, truncated or trailing-garbage gzip, and a zip that does not hold
-exactly one file, raise ``BadDataError``.  ``Prefetch`` runs the inflating in a thread of
-its own, a few pieces ahead, so that it overlaps with parsing.
+exactly one file, raise ``BadDataError``.  ``Prefetch`` runs the inflating on a thread (one of
+the process's shared ones), a few pieces ahead, so that it overlaps with parsing.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import queue
 import threading
 import zipfile
 import zlib
+from concurrent import futures
 from typing import IO, TYPE_CHECKING, Any
 
 from isal import isal_zlib
 
+from backfill import threads
 from backfill.errors import BadDataError
 
 if TYPE_CHECKING:
@@ -127,8 +129,8 @@ class Prefetch:
         self._check_stop = check_stop
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
-        self._thread.start()
+        # A job lasts as long as its conversion: room for as many as may run at once.
+        self._job = threads.executor("inflate", 64).submit(self._run, source)
 
     def _run(self, source: Iterator[bytes]) -> None:
         try:
@@ -169,4 +171,5 @@ class Prefetch:
         with contextlib.suppress(queue.Empty):
             while True:
                 self._queue.get_nowait()
-        self._thread.join(timeout=5)
+        with contextlib.suppress(futures.TimeoutError):
+            self._job.result(timeout=5)

@@ -5,18 +5,20 @@ Theory of operation.  A ``Parser`` turns one block into a table: DuckDB's
 decoded from their JSON text into ``map<string, string>`` by DuckDB, then the cast to
 ``SCHEMA`` with ``eventTimestamp`` derived.  A block that does not parse goes to
 ``rowcheck.sift``, which names the bad row or quarantines it; the good rows are parsed again.
-``ParserPool`` runs ``workers`` parsers on as many threads and yields tables in block order.
+``ParserPool`` runs ``workers`` parsers on the process's shared parse threads (``threads``)
+and yields tables in block order; the rows a block sets aside reach the quarantine callback
+then too, so that rejects are written in line order whichever block parses first.
 DuckDB connections are kept on a free list, because opening one costs about 30 ms.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
 import duckdb
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from backfill import rowcheck
+from backfill import rowcheck, threads
 from backfill.errors import BadDataError
 from backfill.framing import frame, lines
 from backfill.rowcheck import FLOAT_FIELDS, INT_FIELDS
@@ -33,6 +35,7 @@ from backfill.schema import FIELDS, INPUT, MAP, MAPS, SCHEMA
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
+    from concurrent.futures import Future
 
     from backfill.framing import Block
     from backfill.schema import Limits
@@ -205,13 +208,19 @@ class _Parser:
         return _numbers(table)
 
     def _maps(self, raw: pa.Table) -> pa.Table:
-        names = raw.column_names
-        self.db.register("block_rows", raw)
+        """``raw`` with its map columns decoded from JSON text; only they go through DuckDB."""
+        names = [n for n in raw.column_names if n in MAPS]
+        if not names:
+            return raw
+        self.db.register("block_rows", raw.select(names))
         try:
-            columns = ", ".join(_MAP_SQL.format(n) if n in MAPS else n for n in names)
-            return self.db.sql(f"SELECT {columns} FROM block_rows").to_arrow_table()
+            columns = ", ".join(_MAP_SQL.format(n) for n in names)
+            maps = self.db.sql(f"SELECT {columns} FROM block_rows").to_arrow_table()
         finally:
             self.db.unregister("block_rows")
+        for name in names:
+            raw = raw.set_column(raw.schema.get_field_index(name), name, maps.column(name))
+        return raw
 
     def _parse_csv(self, data: bytes) -> pa.Table:
         assert self.header is not None
@@ -251,6 +260,9 @@ class _Parser:
         return pa.table([columns[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
 
 
+_Parsed = tuple[pa.Table, list[tuple[int, str, str]]]
+
+
 class ParserPool:
     """Parses blocks on ``workers`` threads, each with its own parser; results come in order."""
 
@@ -264,28 +276,34 @@ class ParserPool:
         check_stop: Callable[[], None],
     ) -> None:
         self._check_stop = check_stop
+        self._quarantine = quarantine
         self._idle: queue.Queue[_Parser] = queue.Queue()
         self._all = [
             _Parser(fmt, header, quarantine, limits, check_stop) for _ in range(max(1, workers))
         ]
         for parser in self._all:
             self._idle.put(parser)
-        self._pool = ThreadPoolExecutor(max_workers=len(self._all), thread_name_prefix="parse")
+        # Twice the workers: another conversion may run at once, and threads are made lazily.
+        self._tasks = threads.Tasks(threads.executor("parse", 2 * len(self._all)))
 
-    def _parse(self, block: Block, where: dict[str, str | None]) -> pa.Table:
+    def _parse(self, block: Block, where: dict[str, str | None]) -> _Parsed:
+        """The block's table, and the rows it set aside (handed on in block order by ``map``)."""
         parser = self._idle.get()
+        held: list[tuple[int, str, str]] = []
+        if self._quarantine is not None:
+            parser.quarantine = lambda line, text, reason: held.append((line, text, reason))
         try:
-            return parser.parse(block, where)
+            return parser.parse(block, where), held
         finally:
             self._idle.put(parser)
 
     def map(self, blocks: Iterable[Block], where: dict[str, str | None]) -> Iterator[pa.Table]:
         """Parsed tables in block order; at most one block waits per worker beyond those running."""
-        pending: deque[Future[pa.Table]] = deque()
+        pending: deque[Future[_Parsed]] = deque()
         try:
             for block in blocks:
                 self._check_stop()
-                pending.append(self._pool.submit(self._parse, block, where))
+                pending.append(self._tasks.submit(functools.partial(self._parse, block, where)))
                 if len(pending) > len(self._all):
                     yield self._result(pending.popleft())
             while pending:
@@ -294,16 +312,22 @@ class ParserPool:
             for future in pending:
                 future.cancel()
 
-    def _result(self, future: Future[pa.Table]) -> pa.Table:
-        """The future's table, waiting in short steps so that a stop is seen within 0.1 s."""
+    def _result(self, future: Future[_Parsed]) -> pa.Table:
+        """The future's table, waiting in short steps so that a stop is seen within 0.1 s; the
+        rows it set aside go to quarantine now, so that they are written in line order."""
         while True:
             self._check_stop()
             try:
-                return future.result(timeout=0.1)
+                table, held = future.result(timeout=0.1)
+                break
             except TimeoutError:
                 continue
+        for line, text, reason in held:
+            assert self._quarantine is not None
+            self._quarantine(line, text, reason)
+        return table
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._tasks.cancel()
         for parser in self._all:
             parser.close()

@@ -2,21 +2,22 @@
 
 Theory of operation.  ``stage()`` reads the download through ``decode.tables`` (streaming,
 bounded, validated), cuts the rows into UTC-day partitions, buffers them, and writes each
-partition as zstd Parquet sorted by ``sessionTimestamp``, on a background thread so that
-writing overlaps with parsing.  Rows that break the schema fail the window, or, with
-``on_bad_rows="quarantine"``, go to the attempt's ``_rejects/`` file.  Every staged file's
-footer is read back and its size and sha256 go into the (unpublished) manifest.  A failed stage
-leaves no staged file.
+partition as zstd Parquet sorted by ``sessionTimestamp``, on a background thread (one of the
+process's shared write threads) so that writing overlaps with parsing.  Rows that break the
+schema fail the window, or, with ``on_bad_rows="quarantine"``, go to the attempt's
+``_rejects/`` file.  Every staged file's footer is read back and its size and sha256 go into
+the (unpublished) manifest.  A failed stage leaves no staged file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import queue
 import shutil
 import threading
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Literal
 
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from backfill import crashpoints, decode
+from backfill import crashpoints, decode, threads
 from backfill.errors import BadDataError, IntegrityError
 from backfill.layout import day_partition, days, part_name
 from backfill.manifest import Manifest, ManifestFile, sha256
@@ -34,6 +35,7 @@ from backfill.schema import MAPS, SCHEMA
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from concurrent.futures import Future
     from pathlib import Path
 
     from backfill.layout import Layout
@@ -225,30 +227,35 @@ class _Rejects:
 
 
 class _Background:
-    """One worker thread running submitted jobs in order; the first error is raised at ``close``."""
+    """Jobs run in order on the process's shared write threads, at most ``depth`` waiting; the
+    first error is raised at the next ``submit`` or at ``close``."""
 
     def __init__(self, depth: int = 2) -> None:
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(depth)
+        self._tasks = threads.Tasks(threads.executor("write", 4))
+        self._room = threading.BoundedSemaphore(depth + 1)  # queued and running
+        self._last: Future[None] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+    def _run(self, job: Callable[[], None], before: Future[None] | None) -> None:
+        try:
+            if before is not None:
+                futures.wait([before])  # one after another, as submitted
             if self._error is None:
-                try:
-                    job()
-                except BaseException as exc:  # kept for close(), which raises it
-                    self._error = exc
+                job()
+        except BaseException as exc:  # kept for close(), which raises it
+            self._error = exc
+        finally:
+            self._room.release()
 
     def submit(self, job: Callable[[], None]) -> None:
         if self._error is not None:
             raise self._error
-        self._jobs.put(job)
+        self._room.acquire()
+        self._last = self._tasks.submit(functools.partial(self._run, job, self._last))
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+        if self._last is not None:
+            futures.wait([self._last])
         if self._error is not None:
             raise self._error
 

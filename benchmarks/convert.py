@@ -6,13 +6,17 @@ peak RSS is each one's own:
 
 - ``ours``: ``backfill.store.LocalStore.stage`` + ``publish`` (the code ``backfill run`` uses);
 - ``duckdb``: ``read_json``/``read_csv`` with MAP columns → ``COPY ... PARTITION_BY (dt)``;
+- ``polars``: ``scan_csv`` → ``str.json_decode`` to ``Map`` → ``sink_parquet`` partitioned by
+  ``dt`` (the ``bench`` extra installs Polars);
 - ``naive``: a per-line ``orjson.loads`` (or ``csv``) + ``pa.Table.from_pylist`` script, the shape
   of the public Flurry scripts (run only up to ``--naive-max`` rows: it holds everything in memory).
 
-It prints rows/s, MB/s (uncompressed input), peak RSS, and each baseline's time as a ratio to
-ours.  Usage::
+Peak RSS is the child's own high-water mark (``getrusage``'s ``ru_maxrss``, i.e. ``VmHWM``).
+``ours`` and ``polars`` run ``--repeat`` times, alternating, and the medians are shown (the
+machine is shared: only ratios from the same run mean much).  It prints rows/s, MB/s
+(uncompressed input), peak RSS, and each baseline's time as a ratio to ours.  Usage::
 
-    python benchmarks/convert.py --rows 2000000 8000000 --formats json csv
+    python benchmarks/convert.py --rows 2000000 8000000 --formats json csv --repeat 3
 """
 
 from __future__ import annotations
@@ -41,9 +45,30 @@ def generate(path: Path, rows: int, fmt: str) -> int:
     """Write ``rows`` rows over 30 days: one simulated base day, shifted to each day."""
     from isal import igzip
 
+    per_day = -(-rows // DAYS)
+    pieces, head, header = base_day(per_day, fmt)
+    written = 0
+    with igzip.open(path, "wb", compresslevel=1) as out:  # type: ignore[no-untyped-call]  # igzip.open is unannotated
+        out.write(header)
+        for day in range(DAYS):
+            start = DAY0 + day * DAY_MS
+            take = min(per_day, rows - written)
+            for i in range(0, take, 20_000):
+                out.write(
+                    b"".join(
+                        b"%s%d%s" % (head, start + off, rest)
+                        for off, rest in pieces[i : min(i + 20_000, take)]
+                    )
+                )
+            written += take
+    return written
+
+
+def base_day(per_day: int, fmt: str) -> tuple[list[tuple[int, bytes]], bytes, bytes]:
+    """One simulated day of ``per_day`` rows, sorted by session: (offset in the day, the row's
+    text after its timestamp) each; the text before a timestamp; the file's header."""
     from backfill.simulator import data
 
-    per_day = -(-rows // DAYS)
     app = data.AppData(
         api_key="BENCH000000000000APP", sessions_per_day=max(2, per_day // 4), events_per_session=4
     )
@@ -62,22 +87,7 @@ def generate(path: Path, rows: int, fmt: str) -> int:
         comma = line.index(b",", 1 if fmt == "csv" else len(b'{"sessionTimestamp":'))
         pieces.append((row["sessionTimestamp"] - DAY0, line[comma:]))
     head = b'{"sessionTimestamp":' if fmt == "json" else b""
-    written = 0
-    with igzip.open(path, "wb", compresslevel=1) as out:  # type: ignore[no-untyped-call]  # igzip.open is unannotated
-        if fmt == "csv":
-            out.write(data.encode_csv([]))
-        for day in range(DAYS):
-            start = DAY0 + day * DAY_MS
-            take = min(per_day, rows - written)
-            for i in range(0, take, 20_000):
-                out.write(
-                    b"".join(
-                        b"%s%d%s" % (head, start + off, rest)
-                        for off, rest in pieces[i : min(i + 20_000, take)]
-                    )
-                )
-            written += take
-    return written
+    return pieces, head, data.encode_csv([]) if fmt == "csv" else b""
 
 
 # -- the engines, each run in a child process ------------------------------------------------
@@ -188,6 +198,38 @@ def run_naive(source: Path, out: Path, fmt: str) -> int:
     return int(table.num_rows)
 
 
+def run_polars(source: Path, out: Path, fmt: str) -> int:
+    """Polars' streaming engine: scan, ``str.json_decode`` the maps to ``Map``, sink partitioned.
+
+    JSON lines are scanned as one text column and decoded whole: ``scan_ndjson`` with ``Map``
+    fields takes gigabytes, and with ``String`` fields it re-serialises objects as broken JSON.
+    """
+    import polars as pl
+
+    mapped = pl.Map(pl.String, pl.String)
+    plain = {"BIGINT": pl.Int64, "INTEGER": pl.Int32, "DOUBLE": pl.Float64, "VARCHAR": pl.String}
+    types = {k: mapped if k in _MAPS else plain[v] for k, v in _COLUMNS.items()}
+    if fmt == "csv":
+        scan = pl.scan_csv(
+            source, schema={k: (pl.String if k in _MAPS else v) for k, v in types.items()}
+        )
+        scan = scan.with_columns([pl.col(k).str.json_decode(mapped) for k in _MAPS])
+    else:
+        scan = pl.scan_csv(
+            source, has_header=False, separator="\x01", quote_char=None, schema={"line": pl.String}
+        )
+        scan = scan.select(pl.col("line").str.json_decode(pl.Struct(types))).unnest("line")
+    session = pl.col("sessionTimestamp")
+    stamp = pl.Datetime("ms", "UTC")
+    scan = scan.with_columns(
+        session.cast(stamp),
+        (session + pl.col("eventOffset").fill_null(0)).cast(stamp).alias("eventTimestamp"),
+        session.cast(stamp).dt.strftime("%Y-%m-%d").alias("dt"),
+    )
+    scan.sink_parquet(pl.PartitionBy(out, key="dt"), compression="zstd", mkdir=True)
+    return int(pl.scan_parquet(out / "**" / "*.parquet").select(pl.len()).collect().item())
+
+
 def child(engine: str, source: Path, out: Path, fmt: str) -> None:
     # Imports are not part of the measurement: load each engine's modules first.
     import duckdb  # noqa: F401
@@ -196,11 +238,16 @@ def child(engine: str, source: Path, out: Path, fmt: str) -> None:
 
     import backfill.store  # noqa: F401
 
+    if engine == "polars":
+        import polars  # noqa: F401
+
     began = time.perf_counter()
     if engine == "ours":
         rows = run_ours(source, out)
     elif engine == "duckdb":
         rows = run_duckdb(source, out, fmt)
+    elif engine == "polars":
+        rows = run_polars(source, out, fmt)
     else:
         rows = run_naive(source, out, fmt)
     seconds = time.perf_counter() - began
@@ -209,6 +256,9 @@ def child(engine: str, source: Path, out: Path, fmt: str) -> None:
 
 
 def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
+    """One engine's run in a child process.  ``ours@DIR`` is ours with the ``backfill`` package
+    found in ``DIR`` (an older checkout, say: ``git archive <commit> backfill | tar -x -C DIR``)."""
+    engine, _, code = engine.partition("@")
     out = work / f"out-{engine}"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", engine, str(source), str(out), fmt]
@@ -218,7 +268,7 @@ def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
         text=True,
         check=False,
         cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        env=os.environ | {"PYTHONPATH": code or str(ROOT)},
     )
     shutil.rmtree(out, ignore_errors=True)
     if done.returncode != 0:
@@ -227,12 +277,35 @@ def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
     return result
 
 
+def measure_all(
+    engines: list[str], source: Path, fmt: str, work: Path, repeat: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Each engine on ``source``; the first two ``repeat`` times, alternating, as medians."""
+    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    for round_ in range(max(1, repeat)):
+        for engine in engines if round_ == 0 else engines[:2]:
+            runs[engine].append(measure(engine, source, fmt, work))
+    return {engine: _median(results) for engine, results in runs.items()}
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    middle = len(results) // 2
+    return {
+        key: sorted(r[key] for r in results)[middle] for key in ("rows", "seconds", "peak_mb")
+    } | {"runs": [round(r["seconds"], 2) for r in results]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, nargs="+", default=[2_000_000, 8_000_000])
     parser.add_argument("--formats", nargs="+", default=["json", "csv"], choices=["json", "csv"])
+    parser.add_argument("--engines", nargs="+", default=["ours", "polars", "duckdb", "naive"])
+    parser.add_argument("--repeat", type=int, default=3, help="runs of ours and polars (median)")
     parser.add_argument(
         "--naive-max", type=int, default=2_000_000, help="skip the naive script above this"
     )
@@ -248,7 +321,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     header = (
         f"{'rows':>9} {'fmt':4} {'engine':7} {'seconds':>8} {'rows/s':>10} {'MB/s':>7} "
-        f"{'peak MB':>8} {'time vs ours':>13}"
+        f"{'peak MB':>8} {'time vs ours':>13}  runs"
     )
     print(header)
     print("-" * len(header))
@@ -258,13 +331,9 @@ def main() -> None:
             if not source.exists():
                 generate(source, rows, fmt)
             raw_mb = _uncompressed_mb(source)
-            results = {
-                "ours": measure("ours", source, fmt, args.work),
-                "duckdb": measure("duckdb", source, fmt, args.work),
-            }
-            if rows <= args.naive_max:
-                results["naive"] = measure("naive", source, fmt, args.work)
-            ours = results["ours"].get("seconds")
+            engines = [e for e in args.engines if e != "naive" or rows <= args.naive_max]
+            results = measure_all(engines, source, fmt, args.work, args.repeat)
+            ours = results.get("ours", {}).get("seconds")
             for engine, r in results.items():
                 if "error" in r:
                     print(f"{rows:>9} {fmt:4} {engine:7} failed: {r['error']}")
@@ -273,7 +342,7 @@ def main() -> None:
                 print(
                     f"{r['rows']:>9} {fmt:4} {engine:7} {r['seconds']:>8.1f} "
                     f"{r['rows'] / r['seconds']:>10,.0f} {raw_mb / r['seconds']:>7.1f} "
-                    f"{r['peak_mb']:>8.0f} {ratio:>13}",
+                    f"{r['peak_mb']:>8.0f} {ratio:>13}  {r.get('runs', '')}",
                     flush=True,
                 )
 

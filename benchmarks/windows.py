@@ -1,0 +1,154 @@
+"""Small-windows benchmark: the same rows landed as many one-hour windows, or as one window.
+
+Theory of operation.  ``prepare`` writes ``windows`` gzip files of ``rows / windows`` rows each
+(one simulated day's rows squeezed into each hour, sorted by session) and one file holding all
+of them.  A child process then plans the windows in a real SQLite ``Ledger``, moves them to
+DOWNLOADED (not timed), and lands every one through ``commit.land`` with a ``LocalStore``:
+stage, publish, manifest, ledger commit, one after another, as a worker does.  The time of the
+landing loop and the child's peak RSS are printed; ``many / one`` is the figure (the issue's
+goal: at most 1.5).  Usage::
+
+    python benchmarks/windows.py --rows 2000000 --windows 500 --format json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import convert
+
+HOUR_MS = 3_600_000
+APP = "bench"
+
+
+def prepare(work: Path, rows: int, windows: int, fmt: str) -> tuple[list[Path], Path]:
+    """The window files and the one file with all their rows (made once, then reused)."""
+    from isal import igzip
+
+    folder = work / f"windows-{rows}-{windows}-{fmt}"
+    files = [folder / f"w{i:05d}.{fmt}.gz" for i in range(windows)]
+    whole = folder / f"all.{fmt}.gz"
+    if whole.exists():
+        return files, whole
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // windows)
+    pieces, head, header = convert.base_day(per, fmt)
+    with igzip.open(whole, "wb", compresslevel=1) as everything:  # type: ignore[no-untyped-call]  # igzip.open is unannotated
+        everything.write(header)
+        for i, path in enumerate(files):
+            start = convert.DAY0 + i * HOUR_MS
+            text = b"".join(
+                b"%s%d%s" % (head, start + off * HOUR_MS // convert.DAY_MS, rest)
+                for off, rest in pieces[: min(per, rows - i * per)]
+            )
+            everything.write(text)
+            with igzip.open(path, "wb", compresslevel=1) as one:  # type: ignore[no-untyped-call]  # igzip.open is unannotated
+                one.write(header + text)
+    return files, whole
+
+
+async def _land_all(work: Path, sources: list[Path], hours: int) -> dict[str, Any]:
+    from backfill.commit import land
+    from backfill.ledger import Ledger
+    from backfill.models import WindowState
+    from backfill.store import LocalStore
+
+    ledger = await Ledger.open(work / "ledger.sqlite")
+    end = convert.DAY0 + hours * HOUR_MS
+    size = HOUR_MS if len(sources) > 1 else 30 * convert.DAY_MS
+    records = await ledger.add_windows(APP, convert.DAY0, end, size_ms=size)
+    assert len(records) == len(sources), (len(records), len(sources))
+    for i, record in enumerate(records):
+        for state in (WindowState.SUBMITTED, WindowState.READY, WindowState.DOWNLOADED):
+            record = await ledger.advance(record, state)
+        records[i] = record
+    store = LocalStore(work / "out")
+    began = time.perf_counter()
+    rows = 0
+    for record, source in zip(records, sources, strict=True):
+        rows += (await land(ledger, store, record, source)).rows or 0
+    seconds = time.perf_counter() - began
+    await ledger.close()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rows": rows, "seconds": seconds, "peak_mb": peak_mb}
+
+
+def child(work: Path, sources: list[Path], hours: int) -> None:
+    import anyio
+
+    import backfill.store  # noqa: F401  # imports are not part of the measurement
+
+    print(json.dumps(anyio.run(_land_all, work, sources, hours)))
+
+
+def measure(sources: list[Path], hours: int, work: Path) -> dict[str, Any]:
+    """Land ``sources`` (one window each) in a child process; its time, rows and peak RSS."""
+    out = work / "land"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    listing = out / "sources.txt"
+    listing.write_text("\n".join(str(s) for s in sources))
+    command = [sys.executable, __file__, "--child", str(out), str(listing), str(hours)]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=convert.ROOT,
+        env=os.environ | {"PYTHONPATH": f"{convert.ROOT}:{Path(__file__).parent}"},
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def compare(
+    work: Path, rows: int, windows: int, fmt: str, repeat: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Many windows and one window, alternating ``repeat`` times; the medians."""
+    files, whole = prepare(work, rows, windows, fmt)
+    runs: dict[str, list[dict[str, Any]]] = {"many": [], "one": []}
+    for _ in range(max(1, repeat)):
+        runs["many"].append(measure(files, windows, work))
+        runs["one"].append(measure([whole], windows, work))
+    return {name: convert._median(results) for name, results in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--windows", type=int, default=500)
+    parser.add_argument("--format", default="json", choices=["json", "csv"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=convert.ROOT / "data" / "bench")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        work, listing, hours = args.child
+        sources = [Path(line) for line in Path(listing).read_text().splitlines()]
+        child(Path(work), sources, int(hours))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = compare(args.work, args.rows, args.windows, args.format, args.repeat)
+    many, one = result["many"], result["one"]
+    for name, r in result.items():
+        print(name, r)
+    if "error" not in many and "error" not in one:
+        print(f"many / one: {many['seconds'] / one['seconds']:.2f}x (goal: at most 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
