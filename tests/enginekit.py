@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as ds
 
+from backfill import ledgers
 from backfill.client import FlurryClient, Secret
 from backfill.config import (
     POLICY_KEYS,
@@ -21,10 +22,10 @@ from backfill.config import (
     WindowSettings,
 )
 from backfill.engine import Engine
-from backfill.ledger import Ledger
 from backfill.objstore import open_store
 from backfill.policy import Policy
 from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
+from tests.pgserver import database_for
 from tests.s3server import REGION, S3Root, new_root
 from tests.simkit import TOKEN
 
@@ -90,7 +91,7 @@ def engine_settings(
             history_days=history_days, lag_hours=24, lookback_days=lookback_days
         ),
         output=_output(root),
-        ledger=LedgerSettings(path=ledger if ledger or not _on_s3() else root / "_ledger.sqlite"),
+        ledger=_ledger(root, ledger),
         apps=tuple(AppSettings(name=a.name, api_key=a.api_key) for a in apps),
     )
 
@@ -113,20 +114,37 @@ def _output(root: Path) -> OutputSettings:
                           staging=root / "_staging_local")  # fmt: skip
 
 
+# BACKFILL_TEST_LEDGER=postgres: every ledger these helpers build is a database of a throwaway
+# PostgreSQL cluster instead (one per output root, so runs on one root share it), with a short
+# lease so that a run after a killed one takes its windows over in seconds.
+def _on_postgres() -> bool:
+    return os.environ.get("BACKFILL_TEST_LEDGER") == "postgres"
+
+
+def _ledger(root: Path, path: Path | None) -> LedgerSettings:
+    if _on_postgres():
+        return LedgerSettings(url=database_for(str(root)), lease_s=PG_LEASE_S)
+    return LedgerSettings(path=path if path or not _on_s3() else root / "_ledger.sqlite")
+
+
+PG_LEASE_S = 2.0
+
+
+def ledger_lines(work: Path) -> list[str]:
+    """The ``[ledger]`` table of a CLI config for ``work`` (none: the default SQLite file)."""
+    if not _on_postgres():
+        return []
+    return ["[ledger]", f'url = "{database_for(str(work / "out"))}"', f"lease_s = {PG_LEASE_S}"]
+
+
 @contextlib.asynccontextmanager
 async def engine(settings: Settings, **kwargs: Any) -> AsyncIterator[Engine]:
-    ledger = await Ledger.open(settings.ledger_path)
-    try:
-        async with FlurryClient(base_url=settings.api.base_url, token=Secret(TOKEN)) as api:
-            yield Engine(
-                settings=settings,
-                ledger=ledger,
-                store=open_store(settings),
-                api=api,
-                **kwargs,
-            )
-    finally:
-        await ledger.close()
+    async with (
+        ledgers.opened(settings) as ledger,
+        FlurryClient(base_url=settings.api.base_url, token=Secret(TOKEN)) as api,
+    ):
+        yield Engine(settings=settings, ledger=ledger, store=open_store(settings), api=api,
+                     **kwargs)  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -243,6 +261,7 @@ def write_config(
         f"lookback_days = {lookback_days}",
         "[output]",
         f'root = "{work / "out"}"',
+        *ledger_lines(work),
     ]
     lines += [
         line

@@ -110,6 +110,32 @@ def _stop(base: Path) -> None:
                                      "-m", "immediate"]), capture_output=True, timeout=60)  # fmt: skip
 
 
+_shared: list[PgServer] = []  # this process's cluster for BACKFILL_TEST_LEDGER=postgres
+_databases: dict[str, str] = {}
+
+
+def database_for(key: str) -> str:
+    """A database URL of this process's cluster, the same for the same ``key`` (an output root).
+
+    For ``BACKFILL_TEST_LEDGER=postgres``: the cluster starts on first use and stops when the
+    process exits; if it cannot start, the test fails naming why.
+    """
+    if not _shared:
+        import atexit
+
+        base = Path(tempfile.mkdtemp(prefix="backfill-pg-"))
+        _shared.append(_start(base))
+
+        def stop() -> None:
+            _stop(base)
+            shutil.rmtree(base, ignore_errors=True)
+
+        atexit.register(stop)
+    if key not in _databases:
+        _databases[key] = _shared[0].url(_shared[0].create_database())
+    return _databases[key]
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     base = Path(tempfile.mkdtemp(prefix="backfill-pg-"))
