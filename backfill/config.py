@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from backfill.config_places import check_ledger, check_ledger_outside, masked
 from backfill.config_toml import ABSENT, at_least, fail, hint, table, typed
 from backfill.errors import ConfigError
 from backfill.planner import HORIZON_DAYS
@@ -179,7 +180,7 @@ def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
     _check_api(api, policy, source)
     windows, warnings = _check_windows(windows, source)
     _check_output(output, source)
-    _check_ledger(ledger, source)
+    check_ledger(ledger, source)
     check_ledger_outside(output, document.get("ledger", {}), source)
     return Settings(
         api=api,
@@ -265,25 +266,6 @@ def _check_windows(windows: WindowSettings, source: str) -> tuple[WindowSettings
     return dataclasses.replace(windows, history_days=HORIZON_DAYS), (warning,)
 
 
-def _check_ledger(ledger: LedgerSettings, source: str) -> None:
-    """``[ledger]``: a SQLite ``path`` or a PostgreSQL ``url`` (not both), a sane lease."""
-    if ledger.url is not None:
-        if ledger.path is not None:
-            raise ConfigError(
-                f"{source}: ledger: expected one of path (SQLite) or url (PostgreSQL), not both"
-            )
-        if not ledger.url.startswith(("postgresql://", "postgres://")):
-            raise fail(source, "ledger.url", masked(ledger.url), "a postgresql:// URL")
-    elif ledger.password_env is not None:
-        raise ConfigError(f"{source}: ledger.password_env: only for a PostgreSQL ledger.url")
-    at_least(source, "ledger.lease_s", ledger.lease_s, 1.0)
-
-
-def masked(url: str) -> str:
-    """``url`` with the password (if any) shown as ``***``: the only way a ledger URL is shown."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
-
-
 _OBJECT_ROOT = re.compile(r"(s3|gs)://([a-z0-9][a-z0-9.\-_]*[a-z0-9])(/.*)?")
 _ANY_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:/")
 
@@ -319,20 +301,6 @@ def _check_output(output: OutputSettings, source: str) -> None:
         ("http://", "https://")
     ):
         raise fail(source, "output.endpoint_url", output.endpoint_url, "an http(s):// URL")
-
-
-def check_ledger_outside(output: OutputSettings, ledger: Any, source: str) -> None:
-    """An object-store root keeps no ledger: ``[ledger]`` must name one (a local ``path`` or a
-    database ``url``), or ``ConfigError`` saying what to add."""
-    if not isinstance(output.root, str):
-        return
-    named = isinstance(ledger, dict) and ("path" in ledger or "url" in ledger)
-    if not named:
-        raise ConfigError(
-            f"{source}: output.root = {output.root!r}: an object-store root cannot hold the "
-            "ledger; add one to the config: [ledger] url = 'postgresql://HOST/DB' (shared by "
-            "many workers) or a local file, [ledger] path = '/var/lib/backfill/ledger.sqlite'"
-        )
 
 
 def _apps(raw: Any, source: str) -> tuple[AppSettings, ...]:

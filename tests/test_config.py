@@ -144,8 +144,29 @@ BAD: list[tuple[str, tuple[str, str] | str, str]] = [
     (
         "object-store root without a ledger",
         ('root = "{root}"', 'root = "s3://lake/flurry"'),
-        "output.root = 's3://lake/flurry': an object-store root cannot hold the ledger; add a "
-        "local ledger file to the config: [ledger] path = '/var/lib/backfill/ledger.sqlite'",
+        "output.root = 's3://lake/flurry': an object-store root cannot hold the ledger; add one "
+        "to the config: [ledger] url = 'postgresql://HOST/DB' (shared by many workers) or a "
+        "local file, [ledger] path = '/var/lib/backfill/ledger.sqlite'",
+    ),
+    (
+        "a ledger path and url both",
+        ("[[apps]]", '[ledger]\npath = "l.sqlite"\nurl = "postgresql://db/x"\n[[apps]]'),
+        "ledger: expected one of path (SQLite) or url (PostgreSQL), not both",
+    ),
+    (
+        "a ledger url of another database, its password masked",
+        ("[[apps]]", '[ledger]\nurl = "mysql://me:hunter2@db/x"\n[[apps]]'),
+        "ledger.url = 'mysql://me:***@db/x': expected a postgresql:// URL",
+    ),
+    (
+        "a password variable without a url",
+        ("[[apps]]", '[ledger]\npassword_env = "PGPW"\n[[apps]]'),
+        "ledger.password_env: only for a PostgreSQL ledger.url",
+    ),
+    (
+        "a lease under a second",
+        ("[[apps]]", '[ledger]\nurl = "postgresql://db/x"\nlease_s = 0.5\n[[apps]]'),
+        "ledger.lease_s = 0.5: expected a value at least 1.0",
     ),
 ]
 

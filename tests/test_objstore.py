@@ -200,10 +200,11 @@ def test_the_config_takes_an_object_root_with_a_ledger_outside_it() -> None:
     settings = config.parse(_document("s3://bucket/some/prefix/", path="/var/lib/l.sqlite"))
     assert settings.output.root == "s3://bucket/some/prefix"
     assert config.parse(_document("gs://bucket", path="l.sqlite")).output.root == "gs://bucket"
-    # A database ledger ([ledger] url, coming with PostgreSQL) is outside the bucket too.
-    config.check_ledger_outside(settings.output, {"url": "postgresql://h/db"}, "<config>")
+    # A PostgreSQL ledger is outside the bucket too.
+    shared = config.parse(_document("s3://bucket/p") | {"ledger": {"url": "postgresql://h/db"}})
+    assert shared.ledger.url == "postgresql://h/db"
     with pytest.raises(
-        ConfigError, match=r"add a local ledger file to the config: \[ledger\] path = "
+        ConfigError, match=r"add one to the config: \[ledger\] url = .*\[ledger\] path = "
     ):
         config.parse(_document("s3://bucket/p"))
     for bad in ("s3://bucket/a//b", "s3://bucket/../x", "abfs://c/x", "s3://"):
