@@ -19,14 +19,15 @@ a worker that died runs out with its lease; the worker that takes its window ove
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from backfill.ports import SharedLedger
+    from backfill.config import Settings
+    from backfill.ports import LedgerPort, SharedLedger
 
 __all__ = ["Budget", "Pacer", "SharedPacer", "SharedSlot", "Slot"]
 
@@ -171,6 +172,22 @@ class Budget:
             else SharedPacer(calls_per_minute, clock, shared)
         )
         self.gate_opens_at = 0.0
+
+    @classmethod
+    def of(cls, settings: Settings, ledger: LedgerPort, clock: Callable[[], float]) -> Budget:
+        """A run's budget: ``[api]``'s caps, counted in the ledger too when workers share it."""
+        a = settings.api
+        return cls(
+            apps=[app.name for app in settings.apps],
+            max_in_flight=a.max_in_flight,
+            max_in_flight_per_app=a.max_in_flight_per_app,
+            calls_per_minute=a.calls_per_minute,
+            downloads_at_once=a.downloads_at_once,
+            conversions_at_once=a.conversions_at_once,
+            clock=clock,
+            shared=cast("SharedLedger", ledger) if ledger.shared else None,
+            lease_ms=int(settings.ledger.lease_s * 1000),
+        )
 
     @property
     def processing(self) -> int:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from backfill import logs
+from backfill.events import WindowEvent
 from backfill.models import UNFINISHED
+from backfill.pool import run_pool
 from backfill.requeue import overlaps
 
 if TYPE_CHECKING:
@@ -115,6 +117,29 @@ class Claims:
                 await self.ledger.renew(lease_ms=self.lease_ms)
             except Exception as exc:  # the ledger is away: the moves will say so, fenced
                 log.warning("claims.renew.fail", error=logs.scrub(str(exc)))
+
+    async def run(
+        self,
+        handle: Callable[[WindowRecord], Awaitable[Iterable[WindowRecord]]],
+        *,
+        workers: int,
+        emit: Callable[[WindowEvent], None],
+    ) -> None:
+        """A pool of ``workers`` running ``handle`` on the windows claimed, leases kept
+        meanwhile and given back at the end."""
+
+        async def queued() -> AsyncIterator[WindowRecord]:
+            async for record in self.feed():
+                emit(WindowEvent(name="window.queued", record=record))
+                yield record
+
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self.keep)
+                await run_pool(queued(), self.handler(handle), workers=workers)
+                group.cancel_scope.cancel()
+        finally:
+            await self.give_back()
 
     async def give_back(self) -> None:
         """Release every lease this worker still holds (its windows are free for others)."""

@@ -36,7 +36,7 @@ from backfill.sizing import Sizes
 from backfill.worker import Context, Worker
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Collection, Iterable
+    from collections.abc import Callable, Collection, Iterable
 
     from backfill.config import AppSettings, Settings
     from backfill.models import WindowRecord
@@ -78,18 +78,7 @@ class Engine(Requeue):
             *listeners,
         ]
         self._stopping = anyio.Event()
-        a = settings.api
-        self.budget = Budget(
-            apps=[app.name for app in settings.apps],
-            max_in_flight=a.max_in_flight,
-            max_in_flight_per_app=a.max_in_flight_per_app,
-            calls_per_minute=a.calls_per_minute,
-            downloads_at_once=a.downloads_at_once,
-            conversions_at_once=a.conversions_at_once,
-            clock=monotonic,
-            shared=cast("SharedLedger", ledger) if ledger.shared else None,
-            lease_ms=int(settings.ledger.lease_s * 1000),
-        )
+        self.budget = Budget.of(settings, ledger, monotonic)
         self.sizes = Sizes(max_days=settings.windows.max_days)
         self._context = Context(
             settings=settings,
@@ -239,20 +228,8 @@ class Engine(Requeue):
         self.sizes.know({name: await ledger.learned_size(name) for name in names})
         claims = Claims(ledger, apps=names, lease_s=self.settings.ledger.lease_s, room=workers,
                         start=start, end=end, only=only, stopping=self._stopping)  # fmt: skip
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(claims.keep)
-                await run_pool(self._queued(claims.feed()), claims.handler(
-                    Worker(self._context).handle), workers=workers)  # fmt: skip
-                group.cancel_scope.cancel()
-        finally:
-            await claims.give_back()
+        await claims.run(Worker(self._context).handle, workers=workers, emit=self._emit)
         await commit.sweep(ledger, self.store)  # what a worker taken over had published
-
-    async def _queued(self, records: AsyncIterator[WindowRecord]) -> AsyncIterator[WindowRecord]:
-        async for record in records:
-            self._emit(WindowEvent(name="window.queued", record=record))
-            yield record
 
     def _summarise(self, wall_s: float) -> None:
         totals, s = self.totals(), self.summary
