@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint test test-crash bench fmt clean
+.PHONY: install demo lint test test-shared test-crash bench fmt clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: $(STAMP)
 # worksteal: a few tests take 20-60 s, and an idle worker takes queued tests from a busy one.
 test: $(STAMP)
 	$(BIN)/pytest -n auto --maxprocesses=2 --dist worksteal
+
+# The engine's behaviour suites again, every ledger on PostgreSQL and every root on S3 (the
+# tests start both themselves); slower per test, hence the longer timeout.
+SHARED_SUITES := tests/test_engine.py tests/test_life.py tests/test_scenarios.py \
+	tests/test_restart.py tests/test_stops.py
+test-shared: $(STAMP)
+	BACKFILL_TEST_LEDGER=postgres BACKFILL_TEST_STORE=s3 $(BIN)/pytest -n auto --maxprocesses=2 \
+		--dist worksteal --timeout 400 $(SHARED_SUITES)
 
 test-crash: $(STAMP)
 	$(BIN)/pytest -m crash tests/test_crash_sweep.py
