@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -136,6 +137,10 @@ async def _release_once_the_run_waited(holder: Process, served: Simulator, began
     await holder.stdin.send(b"release\n")
 
 
+@pytest.mark.skipif(
+    os.environ.get("BACKFILL_TEST_LEDGER") == "postgres",
+    reason="the SQLite file's lock: a PostgreSQL ledger has none (test_claims, test_workers)",
+)
 async def test_the_ledger_locked_by_another_process_makes_the_run_wait(tmp_path: Path) -> None:
     sim = sim_settings()
     async with simulator(sim) as (served, base):
