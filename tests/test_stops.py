@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import psycopg
 
 from backfill import planner
 from backfill.simulator import AppProfile, Faults, SimulatorSettings, ground_truth
 from tests.enginekit import ROOT, landed, sim_settings, simulator_process, write_config
+from tests.pgserver import database_for
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
@@ -131,13 +133,18 @@ def _calls(path: Path) -> list[dict[str, Any]]:
 
 
 def _ledger(work: Path) -> list[tuple[str, int, int, str]]:
-    """(app, start, end, state) of every live window (a split parent is not)."""
+    """(app, start, end, state) of every live window (a split parent is not), read straight
+    from the ledger's tables (SQLite, or PostgreSQL under ``BACKFILL_TEST_LEDGER=postgres``)."""
+    sql = (
+        "SELECT app, start_ms, end_ms, state FROM windows WHERE state != 'SPLIT' "
+        "ORDER BY app, start_ms"
+    )
+    if os.environ.get("BACKFILL_TEST_LEDGER") == "postgres":
+        with psycopg.connect(database_for(str(work / "out"))) as pg:
+            return [(r[0], r[1], r[2], r[3]) for r in pg.execute(sql).fetchall()]
     db = sqlite3.connect(work / "out" / "_ledger.sqlite")
     try:
-        return db.execute(
-            "SELECT app, start_ms, end_ms, state FROM windows WHERE state != 'SPLIT' "
-            "ORDER BY app, start_ms"
-        ).fetchall()
+        return db.execute(sql).fetchall()
     finally:
         db.close()
 
