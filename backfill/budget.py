@@ -108,20 +108,27 @@ class SharedSlot(Slot):
 
     async def acquire(self) -> None:
         await super().acquire()
-        while not self.shared:
-            self.shared = await self.ledger.take_slot(
-                self.window_id, self.app_name, max_in_flight=self.caps[0],
-                max_per_app=self.caps[1], lease_ms=self.lease_ms,
-            )  # fmt: skip
-            if not self.shared:
-                await anyio.sleep(_RETRY_S)
+        try:
+            while not self.shared:
+                with anyio.CancelScope(shield=True):  # a slot taken is known to be taken
+                    self.shared = await self.ledger.take_slot(
+                        self.window_id, self.app_name, max_in_flight=self.caps[0],
+                        max_per_app=self.caps[1], lease_ms=self.lease_ms,
+                    )  # fmt: skip
+                if not self.shared:
+                    await anyio.sleep(_RETRY_S)
+        except BaseException:
+            await self.release()
+            raise
 
     async def release(self) -> None:
-        if self.shared:
-            with anyio.CancelScope(shield=True):
-                await self.ledger.give_slot(self.window_id)
-            self.shared = False
-        self._release()
+        try:
+            if self.shared:
+                self.shared = False
+                with anyio.CancelScope(shield=True):
+                    await self.ledger.give_slot(self.window_id)
+        finally:
+            self._release()
 
 
 class SharedPacer(Pacer):

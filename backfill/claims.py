@@ -5,7 +5,8 @@ a run does not take every unfinished window at its start.  ``Claims.feed`` claim
 a time, as the pool has room (``SharedLedger.claim_next``: ``FOR UPDATE SKIP LOCKED``, a lease
 per window, a replacement group whole), and goes on until no unfinished window of the run's
 range is left that it has not had: windows other workers hold are waited for, and taken over
-when their holder's lease runs out (it died, or hung past its lease).  The taker's attempt is
+when their holder's lease runs out (it died, or hung past its lease); the wait ends if none of
+them moves for three leases (at least 30 s).  The taker's attempt is
 one higher, so the files of the old holder's attempt are no one's and the sweep removes them.
 ``Claims.keep`` renews this worker's leases (and its API slots) every third of the lease.  A
 lost lease stops nothing by itself: the ledger fences every move, so the old holder's next move
@@ -57,6 +58,9 @@ class Claims:
         self.had: set[int] = set()  # every window this run has had in its pool
         self.claimed: set[int] = set()  # those holding a place of ``room`` now
         self.poll_s = max(0.2, min(2.0, lease_s / 5))
+        self.patience = max(30.0, 3 * lease_s)  # no progress elsewhere this long: stop waiting
+        self.last_seen: frozenset[tuple[int, int, str]] = frozenset()
+        self.since = 0.0
 
     def _wanted(self, record: WindowRecord) -> bool:
         start, end, only = self.range
@@ -81,10 +85,21 @@ class Claims:
                 yield record
             if fresh:
                 continue
-            if not await self._others():
+            others = await self._others()
+            if not others or self._stuck(others):
                 return
             with anyio.move_on_after(self.poll_s):
                 await self.stopping.wait()
+
+    def _stuck(self, others: list[WindowRecord]) -> bool:
+        """Whether the windows others hold have not moved for ``patience`` seconds: held live
+        but going nowhere (a group waiting on a failed member), or polling a slow request.
+        Either way the run ends rather than wait on them; a later run takes over what dies."""
+        seen = frozenset((r.id, r.attempt, r.state) for r in others)
+        now = anyio.current_time()
+        if seen != self.last_seen:
+            self.last_seen, self.since = seen, now
+        return now - self.since > self.patience
 
     async def _others(self) -> list[WindowRecord]:
         """Unfinished windows of the range this run has not had (other workers hold them)."""
@@ -142,6 +157,10 @@ class Claims:
             await self.give_back()
 
     async def give_back(self) -> None:
-        """Release every lease this worker still holds (its windows are free for others)."""
-        with anyio.CancelScope(shield=True):
-            await self.ledger.release()
+        """Release every lease this worker still holds (its windows are free for others); an
+        unreachable ledger is logged, not raised over the run's own end (the leases expire)."""
+        with anyio.move_on_after(10, shield=True):
+            try:
+                await self.ledger.release()
+            except Exception as exc:
+                logs.get("claims").warning("claims.release.fail", error=logs.scrub(str(exc)))

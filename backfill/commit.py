@@ -19,7 +19,7 @@ Only the ports are used: any ledger, any store.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.to_thread
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from backfill.manifest import Manifest
     from backfill.models import Changes
-    from backfill.ports import LedgerPort, StorePort
+    from backfill.ports import LedgerPort, SharedLedger, StorePort
 
 __all__ = ["Recovery", "land", "land_group", "recover", "sweep"]
 
@@ -225,7 +225,9 @@ async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
     staging, which other workers on this machine may be using, is left alone.
     """
     report = Recovery()
-    if not ledger.shared:
+    if ledger.shared:
+        await _take_over_staged(cast("SharedLedger", ledger), report)
+    else:
         staged = await ledger.windows(states=[S.STAGED])
         for record in [r for r in staged if r.replaces is None]:
             await _recover_one(ledger, store, record, report)
@@ -234,6 +236,20 @@ async def recover(ledger: LedgerPort, store: StorePort) -> Recovery:
         await anyio.to_thread.run_sync(store.discard_staging)
     report.swept = await sweep(ledger, store)
     return report
+
+
+async def _take_over_staged(ledger: SharedLedger, report: Recovery) -> None:
+    """STAGED windows whose holder's lease ran out (it died mid-publish): taken over at once
+    (a new attempt, back to READY) and released, so that the sweep after this removes what the
+    dead worker had published, and any worker re-fetches them."""
+    staged = await ledger.windows(states=[S.STAGED])
+    if not staged:
+        return
+    apps = sorted({r.window.app for r in staged})
+    ids = {r.id for r in staged}
+    taken = await ledger.claim_next(apps, lease_ms=1000, limit=len(ids), only=ids)
+    await ledger.release([r.id for r in taken])
+    report.requeued += [r.id for r in taken]
 
 
 async def sweep(ledger: LedgerPort, store: StorePort) -> int:
@@ -251,6 +267,8 @@ async def sweep(ledger: LedgerPort, store: StorePort) -> int:
     records = await ledger.windows()
     live = {(r.id, r.committed_attempt) for r in records if r.committed_attempt is not None}
     live |= {(r.id, r.attempt) for r in records if r.state is S.STAGED}
+    if ledger.shared:  # another worker's stage under way writes its quarantine file early
+        live |= {(r.id, r.attempt) for r in records if r.state in UNFINISHED}
     if work:  # staging and downloads that no unfinished attempt owns: a dead worker's
         keep = {(r.id, r.attempt) for r in records if r.state in UNFINISHED}
         await anyio.to_thread.run_sync(store.sweep_work, keep, work)

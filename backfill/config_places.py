@@ -6,14 +6,35 @@ an object-store output root needs a ledger outside it, named.  ``config.parse`` 
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from backfill.config_toml import at_least, fail
 from backfill.errors import ConfigError
 
 if TYPE_CHECKING:
-    from backfill.config import LedgerSettings, OutputSettings
+    from pathlib import Path
+
+
+class LedgerSettings(Protocol):
+    """What the checks read of ``config.LedgerSettings`` (this module stays below config)."""
+
+    @property
+    def path(self) -> Path | None: ...
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def password_env(self) -> str | None: ...
+    @property
+    def lease_s(self) -> float: ...
+
+
+class OutputSettings(Protocol):
+    """What the checks read of ``config.OutputSettings``."""
+
+    @property
+    def root(self) -> Path | str: ...
+
 
 __all__ = ["check_ledger", "check_ledger_outside", "masked"]
 
@@ -33,8 +54,27 @@ def check_ledger(ledger: LedgerSettings, source: str) -> None:
 
 
 def masked(url: str) -> str:
-    """``url`` with the password (if any) shown as ``***``: the only way a ledger URL is shown."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    """``url`` with its password (in the user part, or a ``password=`` parameter, or a key/value
+    conninfo's ``password=``) as ``***``: the only way a ledger URL is ever shown."""
+    if "://" not in url:
+        return " ".join(
+            "password=***" if part.lower().startswith("password=") else part for part in url.split()
+        )
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable database URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = urlencode(
+        [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)],
+        safe="*",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def check_ledger_outside(output: OutputSettings, ledger: Any, source: str) -> None:

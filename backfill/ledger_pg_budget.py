@@ -62,9 +62,13 @@ class PgBudget(PgConnection):
             return True
 
     async def give_slot(self, window_id: int) -> None:
-        """Free ``window_id``'s slot (nothing if it has none)."""
+        """Free ``window_id``'s slot if this worker holds it (a worker whose window was taken
+        over must not free the taker's)."""
         async with self._tx() as conn:
-            await conn.execute("DELETE FROM api_slots WHERE window_id = %s", (window_id,))
+            await conn.execute(
+                "DELETE FROM api_slots WHERE window_id = %s AND worker = %s",
+                (window_id, self.worker),
+            )
 
     async def take_call(self, *, per_minute: int) -> float:
         """Take one call from the shared bucket: 0.0, or the seconds until one is available.

@@ -192,7 +192,7 @@ class PgLeases(PgConnection):
         return int(row["lease_until"]) >= self._now()
 
     async def release(self, ids: Collection[int] | None = None) -> None:
-        """Drop this worker's leases (on ``ids`` only, if given)."""
+        """Drop this worker's leases (on ``ids`` only, if given; with none, its API slots too)."""
         sql = "UPDATE windows SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s"
         params: tuple[Any, ...] = (self.worker,)
         if ids is not None:
@@ -200,6 +200,8 @@ class PgLeases(PgConnection):
             params += (list(ids),)
         async with self._tx() as conn:
             await conn.execute(sql, params)
+            if ids is None:  # the worker is done: its API slots go too, not at their expiry
+                await conn.execute("DELETE FROM api_slots WHERE worker = %s", (self.worker,))
 
     async def register(self, command: str, host: str, pid: int) -> None:
         """Record this worker (``workers`` table) as started now."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
+from backfill.config_places import masked
 from backfill.errors import LedgerError
 from backfill.ledger_schema import RecordedSettings
 from backfill.models import Window, WindowRecord, WindowState
@@ -185,30 +186,7 @@ class WorkerInfo:
     holding: list[tuple[int, str, str, str]] = field(default_factory=list)
 
 
-def mask_url(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` parameter) as ``***``.
-
-    A key/value conninfo (``host=... password=...``) is masked too.
-    """
-    if "://" not in url:
-        return " ".join(
-            "password=***" if part.lower().startswith("password=") else part for part in url.split()
-        )
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable database URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = urlencode(
-        [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)],
-        safe="*",
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+mask_url = masked  # one masking for the config's messages and the adapter's
 
 
 def url_password(url: str) -> str | None:

@@ -14,7 +14,6 @@ import os
 import secrets
 import socket
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import anyio
 
@@ -50,8 +49,9 @@ async def opened(
             await ledger.close()
         return
     from backfill.ledger_pg import PgLedger
+    from backfill.ledger_pg_schema import url_password
 
-    for secret in (urlsplit(url).password, env.get(settings.ledger.password_env or "")):
+    for secret in (url_password(url), env.get(settings.ledger.password_env or "")):
         if secret:
             logs.register_secret(secret)
     pg = await PgLedger.open(url, worker=worker_id(), password_env=settings.ledger.password_env)
