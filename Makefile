@@ -38,8 +38,10 @@ test-shared: $(STAMP)
 	BACKFILL_TEST_LEDGER=postgres BACKFILL_TEST_STORE=s3 $(BIN)/pytest -n auto --maxprocesses=2 \
 		--dist worksteal --timeout 400 $(SHARED_SUITES)
 
+# Both crash sweeps on SQLite, then again with the ledger on PostgreSQL.
 test-crash: $(STAMP)
 	$(BIN)/pytest -m crash tests/test_crash_sweep.py
+	BACKFILL_TEST_LEDGER=postgres $(BIN)/pytest -m crash tests/test_crash_sweep.py
 
 # Polars, the baseline the conversion is measured against, is installed for benchmarks only.
 bench: $(STAMP)

@@ -136,6 +136,17 @@ def database_for(key: str) -> str:
     return _databases[key]
 
 
+def copy_database(source_key: str, key: str) -> None:
+    """Make ``key``'s database a copy of ``source_key``'s (``CREATE DATABASE … TEMPLATE``), as
+    copying a folder copies a SQLite ledger; nothing may be connected to the source."""
+    server = _shared[0]
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    source = _databases[source_key].rsplit("/", 1)[1]
+    with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {source}")
+    _databases[key] = server.url(name)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     base = Path(tempfile.mkdtemp(prefix="backfill-pg-"))

@@ -28,6 +28,7 @@ from backfill import planner
 from backfill.models import DAY_MS, HOUR_MS
 from backfill.simulator import AppProfile
 from tests.enginekit import ROOT, landed, sim_settings, simulator_process, truth, write_config
+from tests.pgserver import copy_database
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
@@ -154,6 +155,8 @@ async def test_a_kill_at_every_step_of_a_nightly_sync_with_splits_ends_exactly_r
         def copy(name: str) -> Path:
             work = tmp_path / name
             shutil.copytree(template / "out", work / "out")
+            if os.environ.get("BACKFILL_TEST_LEDGER") == "postgres":  # the ledger goes too
+                copy_database(str(template / "out"), str(work / "out"))
             write_config(work, base, history_days=4, extra_api=SERIAL, apps=APPS)
             return work
 
