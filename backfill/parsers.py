@@ -2,7 +2,8 @@
 
 Theory of operation.  A ``Parser`` turns one block into a table: DuckDB's
 ``json_transform_strict`` for JSON lines, pyarrow's CSV reader for CSV, then the three maps
-decoded from their JSON text into ``map<string, string>`` by DuckDB, then the cast to
+decoded from their JSON text into ``map<string, string>`` (``mapjson``, with DuckDB deciding the
+rows its fast path does not take), then the cast to
 ``SCHEMA`` with ``eventTimestamp`` derived.  A block that does not parse goes to
 ``rowcheck.sift``, which names the bad row or quarantines it; the good rows are parsed again.
 ``ParserPool`` runs ``workers`` parsers on the process's shared parse threads (``threads``)
@@ -14,7 +15,6 @@ DuckDB connections are kept on a free list, because opening one costs about 30 m
 from __future__ import annotations
 
 import functools
-import io
 import json
 import queue
 import threading
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from backfill import rowcheck, threads
+from backfill import mapjson, rowcheck, threads
 from backfill.errors import BadDataError
 from backfill.framing import frame, lines
 from backfill.rowcheck import FLOAT_FIELDS, INT_FIELDS
@@ -53,10 +53,7 @@ _NUMBERS = INT_FIELDS + FLOAT_FIELDS
 # Numbers come out of DuckDB as their JSON text, checked byte by byte and cast by Arrow: DuckDB
 # alone would turn "5", true and 1.5 into integers without a word.
 _JSON_SCHEMA = json.dumps(
-    {
-        name: _MAP_DUCK if name in MAPS else "JSON" if name in _NUMBERS else _DUCK[INPUT[name]]
-        for name in FIELDS
-    }
+    {name: "JSON" if name in MAPS or name in _NUMBERS else _DUCK[INPUT[name]] for name in FIELDS}
 ).replace("'", "''")
 _MAP_SQL = f"json_transform_strict({{0}}, '\"{_MAP_DUCK}\"') AS {{0}}"
 _ALLOWED = {name: np.zeros(256, dtype=bool) for name in _NUMBERS}
@@ -205,27 +202,28 @@ class _Parser:
             table: pa.Table = self.db.sql(sql).to_arrow_table()
         finally:
             self.db.unregister("block_lines")
-        return _numbers(table)
+        return _numbers(self._maps(table))
 
     def _maps(self, raw: pa.Table) -> pa.Table:
-        """``raw`` with its map columns decoded from JSON text; only they go through DuckDB."""
-        names = [n for n in raw.column_names if n in MAPS]
-        if not names:
-            return raw
-        self.db.register("block_rows", raw.select(names))
-        try:
-            columns = ", ".join(_MAP_SQL.format(n) for n in names)
-            maps = self.db.sql(f"SELECT {columns} FROM block_rows").to_arrow_table()
-        finally:
-            self.db.unregister("block_rows")
-        for name in names:
-            raw = raw.set_column(raw.schema.get_field_index(name), name, maps.column(name))
+        """``raw`` with its map columns decoded from JSON text: by ``mapjson``'s fast path, and
+        the rows it does not take by DuckDB, whose rules decide (it raises on a bad row)."""
+        for name in [n for n in raw.column_names if n in MAPS]:
+            column = mapjson.decode(raw.column(name), functools.partial(self._maps_by_duckdb, name))
+            raw = raw.set_column(raw.schema.get_field_index(name), name, column)
         return raw
 
-    def _parse_csv(self, data: bytes) -> pa.Table:
+    def _maps_by_duckdb(self, name: str, text: pa.Array) -> pa.Array:
+        self.db.register("block_rows", pa.table({name: text}))
+        try:
+            maps = self.db.sql(f"SELECT {_MAP_SQL.format(name)} FROM block_rows").to_arrow_table()
+        finally:
+            self.db.unregister("block_rows")
+        return maps.column(0).combine_chunks()
+
+    def _parse_csv(self, data: bytes | memoryview) -> pa.Table:
         assert self.header is not None
         table = pa_csv.read_csv(
-            io.BytesIO(data),
+            pa.BufferReader(pa.py_buffer(data)),  # no copy
             read_options=pa_csv.ReadOptions(column_names=self.header, use_threads=False),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(
