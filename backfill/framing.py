@@ -46,14 +46,18 @@ class Block:
     ``count`` is how many lines the block has, blank ones too.
     """
 
-    data: bytes
+    data: bytes | memoryview  # a view of the bytes read: a block is never copied out of them
     first_line: int  # 1-based line number of the block's first line
     ends: np.ndarray[Any, Any]  # positions of the newlines that end its non-blank records
     count: int = 0
 
 
 def frame(
-    data: bytes, first_line: int, csv_quotes: bool, max_line: int, where: dict[str, str | None]
+    data: bytes | memoryview,
+    first_line: int,
+    csv_quotes: bool,
+    max_line: int,
+    where: dict[str, str | None],
 ) -> tuple[Block, int]:
     """``data`` as a block of its newline-ended records; and where its last record ends (-1: none).
 
@@ -129,22 +133,27 @@ def blocks(
     # The first blocks are small and each one doubles up to ``block_bytes``: a small download
     # (a window of a few thousand rows) still makes blocks enough to keep every parser busy.
     size = min(_FIRST_BLOCK, limits.block_bytes)
+    ended = short = False  # the input is all read; the bytes held have no whole record
     while True:
         check_stop()
-        piece = next(pieces, None)
-        if piece is not None:
-            if piece.isspace() and not waiting and (not carry or carry.isspace()):
+        # Read only while less than a block is held: what is held is cut into blocks first, so
+        # it never grows past a block and a piece, whatever the sizes of pieces and blocks.
+        if not ended and (short or len(carry) + have < size):
+            piece = next(pieces, None)
+            if piece is None:
+                ended = True
+            elif piece.isspace() and not waiting and (not carry or carry.isspace()):
                 line += carry.count(b"\n") + piece.count(b"\n")
                 carry = b""
                 continue
-            waiting.append(piece)
-            have += len(piece)
-            if len(carry) + have < size:
+            else:
+                waiting.append(piece)
+                have, short = have + len(piece), False
                 continue
         if waiting:
             carry, have = b"".join([carry, *waiting]), 0
             waiting.clear()
-        if piece is None:
+        if ended:
             if not carry.strip():
                 return
             if not carry.endswith(b"\n"):
@@ -155,16 +164,15 @@ def blocks(
                 raise BadDataError(
                     f"line {line} is longer than {limits.max_line_bytes} bytes", **where
                 )
-            if piece is None:
+            if ended:
                 raise BadDataError(f"unterminated quoted CSV cell from line {line}", **where)
+            short = True
             continue
-        block.data, carry = carry[: last + 1], carry[last + 1 :]
+        block.data, carry = memoryview(carry)[: last + 1], carry[last + 1 :]
         crashpoints.hit("decode.block")
         yield block
         size = min(2 * size, limits.block_bytes)
         line += block.count
-        if piece is None and not carry.strip():
-            return
 
 
 def _frame_head(
@@ -173,7 +181,7 @@ def _frame_head(
     """``frame`` on about the first ``size`` bytes of ``data`` (all of it when it is not much
     more), or on all of it when those hold no whole record."""
     if len(data) >= 2 * size:
-        block, last = frame(data[:size], line, csv_quotes, max_line, where)
+        block, last = frame(memoryview(data)[:size], line, csv_quotes, max_line, where)
         if last >= 0:
             return block, last
     return frame(data, line, csv_quotes, max_line, where)

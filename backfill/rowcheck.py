@@ -101,7 +101,7 @@ def _scan(
 ) -> Iterator[tuple[int, str, str | None]]:
     """Every record of ``block``: its line number, its text, and what is wrong with it."""
     if fmt == "json":
-        for offset, raw in enumerate(block.data.split(b"\n")):
+        for offset, raw in enumerate(bytes(block.data).split(b"\n")):
             if raw.strip():
                 number = block.first_line + offset
                 try:
@@ -113,7 +113,7 @@ def _scan(
                 yield number, line, _json_row_problem(line, number, session_range)
         return
     assert header is not None
-    text = block.data.decode("utf-8", errors="surrogateescape")
+    text = bytes(block.data).decode("utf-8", errors="surrogateescape")
     number = block.first_line
     for record in csv.reader(io.StringIO(text, newline="")):
         out = io.StringIO()
