@@ -69,7 +69,7 @@ class Limits:
     max_ratio: float = 250.0  # decompressed / compressed; gzip tops out near 1032 for bombs
     ratio_grace_bytes: int = 64 << 20  # small files may compress better than the ratio
     max_line_bytes: int = 8 << 20
-    block_bytes: int = 8 << 20
+    block_bytes: int = 4 << 20
     buffer_bytes: int = 128 << 20  # Arrow bytes buffered across partitions before a flush
     file_bytes: int = 64 << 20  # a partition with this many Arrow bytes buffered is written
     row_group_rows: int = 128 * 1024

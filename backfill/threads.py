@@ -7,11 +7,13 @@ created on first use and kept (its idle threads wait for the next window).  ``Ta
 the jobs one conversion gave an executor, so that it can cancel what has not started and wait
 for what has, without touching another conversion's jobs.
 
-The C heap is tuned once, at import, where glibc is the allocator: blocks of megabytes pass
-from thread to thread, and by default glibc gives each thread its own arena and raises its
-mmap threshold after the first big free, so freed blocks stay in the heap and the peak RSS
-creeps up with the file.  Buffers over 1 MB are mapped and unmapped, and two arenas are kept:
-about 100 MB less peak RSS and no slower (measured on 800 k CSV rows).
+The C heap is tuned once, at import, where glibc is the allocator, and Arrow is told to use it
+too: blocks of megabytes pass from thread to thread, and by default glibc gives each thread its
+own arena and raises its mmap threshold after each big free, while Arrow's bundled mimalloc keeps
+what it freed; either way the peak RSS creeps up with the file.  Two arenas are kept and
+buffers over 16 MB are mapped: measured on 2 M JSON rows (parse only), 370 MB peak against 390
+with the defaults, and a quarter less CPU than mapping every buffer over 1 MB (each such buffer
+then costs page faults on every use: 14 s of CPU against 19).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import ctypes.util
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
+
+import pyarrow as pa
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -36,7 +40,8 @@ _M_ARENA_MAX, _M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h
 
 
 def _tune_malloc() -> bool:
-    """Map buffers over 1 MB, keep two arenas (glibc only); True if it was done."""
+    """Map buffers over 16 MB, keep two arenas, Arrow allocating there (glibc only); True if
+    it was done."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -44,7 +49,10 @@ def _tune_malloc() -> bool:
     except (OSError, AttributeError, TypeError):  # not glibc: its allocator is left alone
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20)) and bool(mallopt(_M_ARENA_MAX, 2))
+    if not (mallopt(_M_MMAP_THRESHOLD, 16 << 20) and mallopt(_M_ARENA_MAX, 2)):
+        return False
+    pa.set_memory_pool(pa.system_memory_pool())
+    return True
 
 
 _tune_malloc()
