@@ -25,6 +25,7 @@ from tests.simkit import LARGE
 from tests.simkit import settings as sim_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 DAY = 86_400_000
@@ -85,6 +86,29 @@ def test_blocks_never_exceed_the_configured_size_by_more_than_a_record() -> None
         )
     )
     assert max(len(b.data) for b in framed) <= (64 << 10) + 4096 + 16
+    assert b"".join(b.data for b in framed) == data
+
+
+def test_pieces_bigger_than_blocks_are_cut_before_more_is_read() -> None:
+    """A block smaller than the inflated pieces: what is held stays under a block and a piece
+    (it once grew by a piece a block: quadratic copying and memory)."""
+    data = b"".join(b'{"n":%d,"pad":"%s"}\n' % (i, b"y" * 50) for i in range(200_000))
+    piece = 1 << 20
+    read = 0
+
+    def pieces() -> Iterator[bytes]:
+        nonlocal read
+        for i in range(0, len(data), piece):
+            read += 1
+            yield data[i : i + piece]
+
+    limits = Limits(block_bytes=64 << 10)
+    framed = []
+    for block in blocks(pieces(), limits, False, {}):
+        # Never more than one piece read ahead of the blocks handed out.
+        assert read * piece - sum(len(b.data) for b in framed) <= 2 * piece + limits.block_bytes
+        framed.append(block)
+    assert max(len(b.data) for b in framed) <= 2 * limits.block_bytes
     assert b"".join(b.data for b in framed) == data
 
 
