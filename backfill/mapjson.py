@@ -189,7 +189,8 @@ def _cut(b: _Bytes, q: Ints) -> tuple[pa.Array, pa.Array]:
         data[landed] = _UNESCAPED[data[landed]]
         # Each bound moves left by the escapes before it.
         after = np.searchsorted(bounds, b.escapes, side="right")
-        bounds = bounds - np.cumsum(np.bincount(after, minlength=len(bounds) + 1))[:-1]
+        runs = np.diff(np.concatenate(([0], after, [len(bounds)])))
+        bounds = bounds - np.repeat(np.arange(len(after) + 1), runs)
         buffer = pa.py_buffer(data)
     else:
         bounds = bounds + b.base
