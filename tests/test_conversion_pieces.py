@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backfill import threads
-from backfill.framing import blocks, frame
+from backfill.framing import Block, blocks, frame
 from backfill.schema import Limits
 from backfill.simulator import ground_truth
 from backfill.simulator.data import encode_csv, encode_json
@@ -103,7 +103,7 @@ def test_pieces_bigger_than_blocks_are_cut_before_more_is_read() -> None:
             yield data[i : i + piece]
 
     limits = Limits(block_bytes=64 << 10)
-    framed = []
+    framed: list[Block] = []
     for block in blocks(pieces(), limits, False, {}):
         # Never more than one piece read ahead of the blocks handed out.
         assert read * piece - sum(len(b.data) for b in framed) <= 2 * piece + limits.block_bytes
