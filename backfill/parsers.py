@@ -224,7 +224,10 @@ class _Parser:
         assert self.header is not None
         table = pa_csv.read_csv(
             pa.BufferReader(pa.py_buffer(data)),  # no copy
-            read_options=pa_csv.ReadOptions(column_names=self.header, use_threads=False),
+            # One block of the reader per block of ours: columns of one chunk each.
+            read_options=pa_csv.ReadOptions(
+                column_names=self.header, use_threads=False, block_size=len(data) + 1
+            ),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(
                 # Numbers as text, checked like JSON's; only an empty cell is null.
