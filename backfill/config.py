@@ -60,19 +60,6 @@ POLICY_KEYS = (
 )
 
 
-CONVERSIONS_CAP = 4  # the default's ceiling: four conversions of a big window peak ~2 GB
-
-
-def default_conversions() -> int:
-    """``conversions_at_once`` when the config does not say: one per core, at most four.
-
-    A small window's conversion keeps about one core busy, so one slot a core is what lands a
-    day of hourly windows at the speed of one file (``benchmarks/windows.py``); a big window's
-    uses every core by itself and peaks near 500 MB, hence the ceiling.
-    """
-    return max(1, min(os.cpu_count() or 1, CONVERSIONS_CAP))
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiSettings:
     """The ``[api]`` table but for the policy's numbers (``POLICY_KEYS``, in ``Policy``)."""
@@ -85,7 +72,7 @@ class ApiSettings:
     max_in_flight_per_app: int = 0  # 0: no cap of its own beyond max_in_flight
     calls_per_minute: int = 120  # submit + status calls
     downloads_at_once: int = 4
-    conversions_at_once: int = field(default_factory=default_conversions)
+    conversions_at_once: int = field(default_factory=lambda: min(os.cpu_count() or 1, 4))
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
 
