@@ -1,14 +1,15 @@
 """The commit protocol: DOWNLOADED windows become COMMITTED, and recovery after a kill.
 
-Theory of operation.  ``land`` stages one window's download as Parquet (off the event loop),
-moves it to STAGED, publishes (manifest first, then the files), moves it to COMMITTED, and only
-then removes the files of the attempt committed before, if any.  ``land_group`` does the same
-for the windows that replace one committed range together (the children of a committed window
-split when it was pulled again, ``WindowRecord.replaces``): it stages every one of them, writes
-every manifest, moves every file, then commits them all and retires the old range in ONE ledger
-transaction, then removes the old files.  Readers see the old range or the new one, and both
-together only for the moments of the swap.  A re-pull with fewer rows than ``min_share`` of
-what it replaces raises ``ShrinkError`` and changes nothing.
+Theory of operation.  ``land`` stages one window's download as Parquet (off the event loop,
+holding a slot of the run's conversions cap for that step alone, so the next window converts
+while this one publishes), moves it to STAGED, publishes (manifest first, then the files), moves
+it to COMMITTED, and only then removes the files of the attempt committed before, if
+any.  ``land_group`` does the same for the windows that replace one committed range together (the
+children of a committed window split when it was pulled again, ``WindowRecord.replaces``): it
+stages every one of them, writes every manifest, moves every file, then commits them all and
+retires the old range in ONE ledger transaction, then removes the old files.  Readers see the old
+range or the new one, and both together only for the moments of the swap.  A re-pull with fewer
+rows than ``min_share`` of what it replaces raises ``ShrinkError`` and changes nothing.
 
 Publishing and the ledger's COMMITTED run shielded from cancellation, so an interrupt cannot
 split them; a kill between them is finished (or undone) by ``recover``, which every run calls
@@ -18,6 +19,7 @@ Only the ports are used: any ledger, any store.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -41,12 +43,16 @@ __all__ = ["Recovery", "land", "land_group", "recover", "sweep"]
 S = WindowState
 
 
-async def _stage(store: StorePort, record: WindowRecord, source: Path) -> Manifest:
+async def _stage(
+    store: StorePort, record: WindowRecord, source: Path, conversions: anyio.CapacityLimiter | None
+) -> Manifest:
+    """The conversion, the one CPU-bound step: the only one that holds a ``conversions`` slot."""
     window = record.window
-    return await anyio.to_thread.run_sync(
-        lambda: store.stage(app=window.app, window_id=record.id, attempt=record.attempt,
-                            start_ms=window.start, end_ms=window.end, source=source)
-    )  # fmt: skip
+    async with conversions or contextlib.nullcontext():
+        return await anyio.to_thread.run_sync(
+            lambda: store.stage(app=window.app, window_id=record.id, attempt=record.attempt,
+                                start_ms=window.start, end_ms=window.end, source=source)
+        )  # fmt: skip
 
 
 def _check_share(rows: int, before: int | None, min_share: float, what: str) -> None:
@@ -65,14 +71,18 @@ async def land(
     source: Path,
     *,
     min_share: float = 0.0,
+    conversions: anyio.CapacityLimiter | None = None,
 ) -> WindowRecord:
     """Convert a DOWNLOADED window's file, publish it and mark it COMMITTED.
 
-    Raises ``BadDataError`` (an unusable download), ``ShrinkError`` (a re-pull under
-    ``min_share`` of the rows it replaces) with nothing published, or ``StorageError``.
+    Only the conversion holds a slot of ``conversions`` (the run's cap on conversions at
+    once); the publish and the ledger's moves, waits on the disk and the ledger, do not, so the
+    next window converts meanwhile.  Raises ``BadDataError`` (an unusable download),
+    ``ShrinkError`` (a re-pull under ``min_share`` of the rows it replaces) with nothing
+    published, or ``StorageError``.
     """
     try:
-        manifest = await _stage(store, record, source)
+        manifest = await _stage(store, record, source, conversions)
         before = record.rows if record.committed_attempt is not None else None
         try:
             _check_share(manifest.rows, before, min_share, "the re-pull")
@@ -103,17 +113,19 @@ async def land_group(
     members: Sequence[tuple[WindowRecord, Path]],
     *,
     min_share: float = 0.0,
+    conversions: anyio.CapacityLimiter | None = None,
 ) -> list[WindowRecord]:
     """Land every DOWNLOADED window replacing ``root``'s range, and retire ``root`` at once.
 
     A member whose download is unusable raises its error with the member's record attached
-    (``error.record``); nothing is published then, and the others stay DOWNLOADED.
+    (``error.record``); nothing is published then, and the others stay DOWNLOADED.  Each
+    member's conversion holds a slot of ``conversions``; the swap holds none.
     """
     manifests: list[Manifest] = []
     try:
         for record, source in members:
             try:
-                manifests.append(await _stage(store, record, source))
+                manifests.append(await _stage(store, record, source, conversions))
             except Exception as exc:
                 exc.record = record  # type: ignore[attr-defined]  # which member it was
                 raise

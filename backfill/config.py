@@ -72,7 +72,7 @@ class ApiSettings:
     max_in_flight_per_app: int = 0  # 0: no cap of its own beyond max_in_flight
     calls_per_minute: int = 120  # submit + status calls
     downloads_at_once: int = 4
-    conversions_at_once: int = 1
+    conversions_at_once: int = field(default_factory=lambda: min(os.cpu_count() or 1, 4))
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
 

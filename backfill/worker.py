@@ -326,10 +326,9 @@ class Worker:
         source = self.c.store.download_path(record.window.app, record.id, record.attempt)
         if not source.exists():
             return Outcome(event=Event.DOWNLOAD_LOST, detail="the download file is missing")
-        async with self.c.budget.conversions:
-            turn.record = await commit.land(
-                self.c.ledger, self.c.store, record, source, min_share=self.c.min_share
-            )
+        turn.record = await commit.land(self.c.ledger, self.c.store, record, source,
+                                        min_share=self.c.min_share,
+                                        conversions=self.c.budget.conversions)  # fmt: skip
         self._landed([turn.record])
         return Outcome(event=Event.COMMITTED)
 
@@ -350,10 +349,9 @@ class Worker:
                 turn.follow.append(await ledger.retry(member, error_class="DownloadLost"))
             return Outcome(event=Event.HELD, detail="downloads lost: fetched again")
         try:
-            async with self.c.budget.conversions:
-                landed = await commit.land_group(
-                    ledger, store, root, sources, min_share=self.c.min_share
-                )
+            landed = await commit.land_group(ledger, store, root, sources,
+                                             min_share=self.c.min_share,
+                                             conversions=self.c.budget.conversions)  # fmt: skip
         except WindowError as exc:
             culprit = getattr(exc, "record", None)  # None: the range as a whole (it shrank)
             targets = members if culprit is None else [culprit]

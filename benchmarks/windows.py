@@ -3,8 +3,10 @@
 Theory of operation.  ``prepare`` writes ``windows`` gzip files of ``rows / windows`` rows each
 (one simulated day's rows squeezed into each hour, sorted by session) and one file holding all
 of them.  A child process then plans the windows in a real SQLite ``Ledger``, moves them to
-DOWNLOADED (not timed), and lands every one through ``commit.land`` with a ``LocalStore``:
-stage, publish, manifest, ledger commit, one after another, as a worker does.  The time of the
+DOWNLOADED (not timed), and lands every one as the engine does: the engine's pool
+(``run_pool``, as many consumers as ``Engine.run`` starts) calls ``commit.land`` with the
+run's conversions cap (``Budget.of``, the engine's default settings, or ``--conversions``), as
+``Worker._land`` does: stage, publish, manifest, ledger commit.  The time of the
 landing loop and the child's peak RSS are printed; ``many / one`` is the figure (the issue's
 goal: at most 1.5).  Usage::
 
@@ -56,10 +58,15 @@ def prepare(work: Path, rows: int, windows: int, fmt: str) -> tuple[list[Path], 
     return files, whole
 
 
-async def _land_all(work: Path, sources: list[Path], hours: int) -> dict[str, Any]:
-    from backfill.commit import land
+async def _land_all(
+    work: Path, sources: list[Path], hours: int, conversions: int | None
+) -> dict[str, Any]:
+    from backfill import commit
+    from backfill.budget import Budget
+    from backfill.config import Settings, replace_api
     from backfill.ledger import Ledger
-    from backfill.models import WindowState
+    from backfill.models import WindowRecord, WindowState
+    from backfill.pool import run_pool
     from backfill.store import LocalStore
 
     ledger = await Ledger.open(work / "ledger.sqlite")
@@ -71,33 +78,52 @@ async def _land_all(work: Path, sources: list[Path], hours: int) -> dict[str, An
         for state in (WindowState.SUBMITTED, WindowState.READY, WindowState.DOWNLOADED):
             record = await ledger.advance(record, state)
         records[i] = record
+    settings = Settings()  # the engine's defaults
+    if conversions is not None:
+        settings = replace_api(settings, conversions_at_once=conversions)
+    a = settings.api
+    budget = Budget.of(settings, ledger, time.monotonic)  # as the engine makes it
+    workers = a.max_in_flight + a.downloads_at_once + a.conversions_at_once  # as Engine.run
     store = LocalStore(work / "out")
-    began = time.perf_counter()
-    rows = 0
-    for record, source in zip(records, sources, strict=True):
-        rows += (await land(ledger, store, record, source)).rows or 0
+    source_of = {r.id: s for r, s in zip(records, sources, strict=True)}
+    landed: list[WindowRecord] = []
+
+    async def handle(record: WindowRecord) -> list[WindowRecord]:  # Worker._land's call
+        landed.append(await commit.land(ledger, store, record, source_of[record.id],
+                                        min_share=settings.output.min_repull_share,
+                                        conversions=budget.conversions))  # fmt: skip
+        return []
+
+    began, cpu_before = time.perf_counter(), time.process_time()
+    await run_pool(records, handle, workers=workers)
     seconds = time.perf_counter() - began
     await ledger.close()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": rows, "seconds": seconds, "peak_mb": peak_mb}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = round(usage.ru_utime + usage.ru_stime - cpu_before, 2)  # shared machine: less noisy
+    return {"rows": sum(r.rows or 0 for r in landed), "seconds": seconds, "cpu_s": cpu_s,
+            "peak_mb": usage.ru_maxrss / 1024,
+            "conversions_at_once": a.conversions_at_once, "workers": workers}  # fmt: skip
 
 
-def child(work: Path, sources: list[Path], hours: int) -> None:
+def child(work: Path, sources: list[Path], hours: int, conversions: int | None) -> None:
     import anyio
 
     import backfill.store  # noqa: F401  # imports are not part of the measurement
 
-    print(json.dumps(anyio.run(_land_all, work, sources, hours)))
+    print(json.dumps(anyio.run(_land_all, work, sources, hours, conversions)))
 
 
-def measure(sources: list[Path], hours: int, work: Path) -> dict[str, Any]:
+def measure(
+    sources: list[Path], hours: int, work: Path, conversions: int | None = None
+) -> dict[str, Any]:
     """Land ``sources`` (one window each) in a child process; its time, rows and peak RSS."""
     out = work / "land"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     listing = out / "sources.txt"
     listing.write_text("\n".join(str(s) for s in sources))
-    command = [sys.executable, __file__, "--child", str(out), str(listing), str(hours)]
+    command = [sys.executable, __file__, "--child", str(out), str(listing), str(hours),
+               str(conversions or 0)]  # fmt: skip
     done = subprocess.run(
         command,
         capture_output=True,
@@ -114,15 +140,26 @@ def measure(sources: list[Path], hours: int, work: Path) -> dict[str, Any]:
 
 
 def compare(
-    work: Path, rows: int, windows: int, fmt: str, repeat: int = 1
+    work: Path, rows: int, windows: int, fmt: str, repeat: int = 1, conversions: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """Many windows and one window, alternating ``repeat`` times; the medians."""
     files, whole = prepare(work, rows, windows, fmt)
     runs: dict[str, list[dict[str, Any]]] = {"many": [], "one": []}
     for _ in range(max(1, repeat)):
-        runs["many"].append(measure(files, windows, work))
-        runs["one"].append(measure([whole], windows, work))
-    return {name: convert._median(results) for name, results in runs.items()}
+        runs["many"].append(measure(files, windows, work, conversions))
+        runs["one"].append(measure([whole], windows, work, conversions))
+    return {name: _median(results) for name, results in runs.items()}
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure of the runs (the first failure, if any failed)."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    middle = len(results) // 2
+    return {key: sorted(r[key] for r in results)[middle] for key in results[0]} | {
+        "runs": [round(r["seconds"], 2) for r in results]
+    }
 
 
 def main() -> None:
@@ -134,19 +171,27 @@ def main() -> None:
     parser.add_argument("--format", default="json", choices=["json", "csv"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=Path, default=convert.ROOT / "data" / "bench")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--conversions",
+        type=int,
+        default=None,
+        help="[api] conversions_at_once (default: the engine's default)",
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        work, listing, hours = args.child
+        work, listing, hours, conversions = args.child
         sources = [Path(line) for line in Path(listing).read_text().splitlines()]
-        child(Path(work), sources, int(hours))
+        child(Path(work), sources, int(hours), int(conversions) or None)
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    result = compare(args.work, args.rows, args.windows, args.format, args.repeat)
+    result = compare(args.work, args.rows, args.windows, args.format, args.repeat, args.conversions)
     many, one = result["many"], result["one"]
     for name, r in result.items():
         print(name, r)
     if "error" not in many and "error" not in one:
+        print(f"concurrency: conversions_at_once = {many['conversions_at_once']}, "
+              f"{many['workers']} windows landing at once (the engine's pool)")  # fmt: skip
         print(f"many / one: {many['seconds'] / one['seconds']:.2f}x (goal: at most 1.5x)")
 
 
