@@ -266,7 +266,8 @@ class FlurryClient:
 
     async def _download(self, url: str, target: Path, where: Where) -> int:
         transfer = _Transfer()
-        async with aiofiles.open(target, "wb", opener=_no_follow) as out:
+        out = await aiofiles.open(target, "wb", opener=_no_follow)
+        try:
             while True:
                 try:
                     await self._fetch(url, out, transfer, where)
@@ -283,6 +284,9 @@ class FlurryClient:
                     await out.flush()
             await out.flush()
             await anyio.to_thread.run_sync(os.fsync, out.fileno())  # on disk before DOWNLOADED
+        finally:  # shielded: a run cancelled meanwhile must not leave the file open
+            with anyio.CancelScope(shield=True):
+                await out.close()
         if transfer.received == 0:
             raise ServerError("the download is empty (0 bytes), not a gzip file", **where)
         return transfer.received
@@ -394,8 +398,7 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int, where: Where)
         raise ServerError(
             f"the answer's body is {length:,} bytes, over the {cap:,}-byte cap", **where
         )
-    parts: list[bytes] = []
-    size = 0
+    size, parts = 0, list[bytes]()
     async for piece in response.content.iter_chunked(64 << 10):
         size += len(piece)
         if size > cap:
@@ -428,19 +431,16 @@ class _Transfer:
 
 def _total(response: aiohttp.ClientResponse) -> int | None:
     if response.status == 206:
-        content_range = response.headers.get("Content-Range", "")
-        size = content_range.rpartition("/")[2]
+        size = response.headers.get("Content-Range", "").rpartition("/")[2]
         return int(size) if size.isdigit() else None
-    length = response.content_length
-    return length
+    return response.content_length
 
 
 _QUERY = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s?#\"'<>]+)\?[^\s#\"'<>]*")
 
 
 def _describe(exc: BaseException) -> str:
-    """The exception's class and text, with any URL's query string cut off, and scrubbed.
-
+    """The exception's class and text, with any URL's query string cut off, and scrubbed:
     aiohttp's own texts can carry the full URL (``InvalidURL``, ``TooManyRedirects``) or the
     request headers a hostile server echoed (``Bad status line``), and neither a presigned
     link's signature nor the token may reach an error message, the ledger or a log.
