@@ -1,9 +1,9 @@
 """Cutting decompressed bytes into blocks of whole records, their boundaries found with numpy.
 
-Theory of operation.  ``blocks()`` gathers pieces until about a block's size has come (512 KB
-at first, doubling up to ``block_bytes``, so that a small download makes blocks enough for
-every parser), finds
-every record-ending newline at once (in CSV, one inside a quoted cell is no boundary: the
+Theory of operation.  ``blocks()`` gathers pieces until about a block's size has come
+(``block_bytes``; a small download is one block: each block costs the parser a fixed few
+milliseconds, and small windows convert side by side instead), finds every record-ending
+newline at once (in CSV, one inside a quoted cell is no boundary: the
 parity of the quotes before it tells), cuts after the last one and carries the rest over to the
 next block.  A record longer than ``max_line_bytes``, or a quoted CSV cell that never closes,
 raises ``BadDataError`` naming the line.  Memory stays bounded by the block size, never by the
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["Block", "blocks", "chain", "csv_header", "frame", "lines"]
 
 _STEP = 1 << 20  # bytes scanned at a time: a block of blank lines costs 8 bytes a line per MB
-_FIRST_BLOCK = 512 << 10  # the first block's size; each next one doubles up to the limit
 _ONES = np.uint64(0x0101010101010101)  # times a word of 0/1 bytes: their sum in the top byte
 
 
@@ -130,9 +129,7 @@ def blocks(
     carry, have = b"", 0
     waiting: list[bytes] = []  # pieces are joined once, when a block's worth has come
     pieces = iter(pieces)
-    # The first blocks are small and each one doubles up to ``block_bytes``: a small download
-    # (a window of a few thousand rows) still makes blocks enough to keep every parser busy.
-    size = min(_FIRST_BLOCK, limits.block_bytes)
+    size = limits.block_bytes
     ended = short = False  # the input is all read; the bytes held have no whole record
     while True:
         check_stop()
@@ -171,7 +168,6 @@ def blocks(
         block.data, carry = memoryview(carry)[: last + 1], carry[last + 1 :]
         crashpoints.hit("decode.block")
         yield block
-        size = min(2 * size, limits.block_bytes)
         line += block.count
 
 
