@@ -71,7 +71,7 @@ class Limits:
     max_line_bytes: int = 8 << 20
     block_bytes: int = 4 << 20
     buffer_bytes: int = 128 << 20  # Arrow bytes buffered across partitions before a flush
-    file_bytes: int = 64 << 20  # a partition with this many Arrow bytes buffered is written
+    file_bytes: int = 16 << 20  # a day with this many Arrow bytes buffered: one row group written
     row_group_rows: int = 128 * 1024
     parse_workers: int = 2  # blocks parsed at once, each on one thread
     # The sane range of ``sessionTimestamp`` (ms): a row outside it is bad whatever the window

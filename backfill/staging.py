@@ -1,12 +1,12 @@
 """Staging: the rows of one download → sorted zstd Parquet files under ``_staging/``.
 
 Theory of operation.  ``stage()`` reads the download through ``decode.tables`` (streaming,
-bounded, validated), cuts the rows into UTC-day partitions, buffers them, and writes each
-partition as zstd Parquet sorted by ``sessionTimestamp``, on a background thread (one of the
-process's shared write threads) so that writing overlaps with parsing.  Rows that break the
-schema fail the window, or, with ``on_bad_rows="quarantine"``, go to the attempt's
-``_rejects/`` file.  Every staged file's footer is read back and its size and sha256 go into
-the (unpublished) manifest.  A failed stage leaves no staged file.
+bounded, validated), cuts the rows into UTC-day partitions and streams each day, one flush
+unit at a time, into an open zstd Parquet file sorted by ``sessionTimestamp`` (memory bounded
+by the unit, not the day), on a background thread so that writing overlaps with parsing.
+Rows that break the schema fail the window, or, with ``on_bad_rows="quarantine"``, go to the
+attempt's ``_rejects/`` file.  Every staged file's footer is read back and its size and sha256
+go into the (unpublished) manifest.  A failed stage leaves no staged file.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ _DICTIONARY = [
     *(f"{m}.key_value.key" for m in MAPS), "sessionProperties.key_value.value",
 ]  # fmt: skip
 _STATISTICS = [f.name for f in SCHEMA if f.name not in MAPS]
+_OPEN = 32  # part files open at once (a download that mixes many days)
+_IDLE = 8  # blocks without a row of a day before its file is closed
 
 
 def _label(start_ms: int, end_ms: int) -> str:
@@ -228,7 +230,8 @@ class _Rejects:
 
 class _Background:
     """Jobs run in order on the process's shared write threads, at most ``depth`` waiting; the
-    first error is raised at the next ``submit`` or at ``close``."""
+    first error is raised at the next ``submit`` or at ``close``, and the jobs after it are
+    skipped (but for those submitted with ``always``: clean-ups)."""
 
     def __init__(self, depth: int = 2) -> None:
         self._tasks = threads.Tasks(threads.executor("write", 4))
@@ -236,22 +239,23 @@ class _Background:
         self._last: Future[None] | None = None
         self._error: BaseException | None = None
 
-    def _run(self, job: Callable[[], None], before: Future[None] | None) -> None:
+    def _run(self, job: Callable[[], None], before: Future[None] | None, always: bool) -> None:
         try:
             if before is not None:
                 futures.wait([before])  # one after another, as submitted
-            if self._error is None:
+            if always or self._error is None:
                 job()
         except BaseException as exc:  # kept for close(), which raises it
-            self._error = exc
+            if self._error is None:
+                self._error = exc
         finally:
             self._room.release()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        if self._error is not None:
+    def submit(self, job: Callable[[], None], *, always: bool = False) -> None:
+        if self._error is not None and not always:
             raise self._error
         self._room.acquire()
-        self._last = self._tasks.submit(functools.partial(self._run, job, self._last))
+        self._last = self._tasks.submit(functools.partial(self._run, job, self._last, always))
 
     def close(self) -> None:
         if self._last is not None:
@@ -262,42 +266,49 @@ class _Background:
 
 @dataclass(slots=True)
 class _Partition:
+    """One UTC day's rows not yet handed to the writer (the parsing thread's side)."""
+
     day: int
     tables: list[pa.Table] = field(default_factory=list)
     nbytes: int = 0
+    rows: int = 0
     touched: int = 0
 
 
 class _PartitionSink:
-    """Buffers rows per UTC day and writes each day as sorted zstd Parquet files."""
+    """Cuts rows into UTC days and streams each day into sorted zstd Parquet files.
+
+    A day's rows are buffered until they make one flush unit (``row_group_rows`` rows or
+    ``file_bytes`` Arrow bytes), then handed to the background thread, which appends them to
+    the day's open file as a row group: memory is bounded by the unit, not by the day.  A day
+    the last two blocks did not touch is most likely complete (downloads come sorted by
+    session): its rest is written; after ``_IDLE`` blocks its file is closed.  Past
+    ``buffer_bytes`` in all, the least recently touched day is flushed early.
+    """
 
     def __init__(self, limits: Limits, stage_dir: Path, window_id: int, attempt: int) -> None:
         self.background = _Background(depth=1)
         self.limits = limits
-        self.stage_dir = stage_dir
-        self.window_id = window_id
-        self.attempt = attempt
+        self.files = _DayFiles(limits, stage_dir, window_id, attempt)
         self.partitions: dict[int, _Partition] = {}
-        self.buffered = 0
-        self.seq = 0
-        self.tick = 0
-        self.written: list[tuple[Path, int, str]] = []
+        self.buffered = self.tick = 0
+        self.written = self.files.written  # (path, rows, partition) of each finished file
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
         self.tick += 1
         self._buffer(table)
-        # A day the last two blocks did not touch is most likely complete (downloads come
-        # sorted by session): write it now, so writing overlaps with parsing.
-        # A day past the file size is written now too: memory stays flat however big days get.
-        limit = self.limits.file_bytes
-        for part in [
-            p for p in self.partitions.values() if p.touched < self.tick - 1 or p.nbytes >= limit
-        ]:
-            self._flush(part)
-        while self.buffered > self.limits.buffer_bytes and self.partitions:
-            self._flush(min(self.partitions.values(), key=lambda p: (p.touched, -p.nbytes)))
+        rows, size = self.limits.row_group_rows, self.limits.file_bytes
+        for part in list(self.partitions.values()):
+            idle = self.tick - part.touched
+            if idle > _IDLE:
+                self._flush(part, final=True)
+            elif part.tables and (idle > 1 or part.rows >= rows or part.nbytes >= size):
+                self._flush(part, final=False)
+        while self.buffered > self.limits.buffer_bytes:
+            full = (p for p in self.partitions.values() if p.tables)
+            self._flush(min(full, key=lambda p: (p.touched, -p.nbytes)), final=False)
 
     def _buffer(self, table: pa.Table) -> None:
         """Cut ``table`` into runs of one UTC day and append each to its day's buffer."""
@@ -314,47 +325,126 @@ class _PartitionSink:
             piece = table.slice(int(lo), int(hi - lo))
             part.tables.append(piece)
             part.nbytes += piece.nbytes
+            part.rows += piece.num_rows
             part.touched = self.tick
             self.buffered += piece.nbytes
 
     def close(self) -> None:
         try:
             for part in sorted(self.partitions.values(), key=lambda p: p.day):
-                self._flush(part)
+                self._flush(part, final=True)
         finally:
             self.background.close()
 
     def abort(self) -> None:
-        """Stop without writing what is buffered (the stage failed)."""
+        """Stop without writing what is buffered (the stage failed); open files are closed and
+        removed on the background thread, which alone touches them."""
         self.partitions.clear()
+        self.buffered = 0
+        with contextlib.suppress(BaseException):
+            self.background.submit(self.files.discard, always=True)
         with contextlib.suppress(BaseException):
             self.background.close()
 
-    def _flush(self, part: _Partition) -> None:
-        del self.partitions[part.day]
+    def _flush(self, part: _Partition, *, final: bool) -> None:
+        """Hand ``part``'s rows to the writer; ``final``: the day's file is closed after them."""
+        tables, part.tables = part.tables, []
         self.buffered -= part.nbytes
-        seq, self.seq = self.seq, self.seq + 1
-        self.background.submit(lambda: self._write(part, seq))
+        part.nbytes = part.rows = 0
+        if final:
+            del self.partitions[part.day]
+        if tables or final:
+            self.background.submit(functools.partial(self.files.write, part.day, tables, final))
 
-    def _write(self, part: _Partition, seq: int) -> None:
-        table = pa.concat_tables(part.tables)
-        stamps = table.column("sessionTimestamp").cast(pa.int64()).to_numpy()
-        if len(stamps) > 1 and not (np.diff(stamps) >= 0).all():
-            table = table.take(pa.array(np.argsort(stamps, kind="stable")))
-        partition = day_partition(part.day)
+
+@dataclass(slots=True)
+class _File:
+    """One open part file of a day (the background thread's side)."""
+
+    path: Path
+    partition: str
+    handle: IO[bytes]
+    writer: pq.ParquetWriter
+    rows: int = 0
+    last: int = 0  # the greatest sessionTimestamp written so far (ms)
+    used: int = 0
+
+
+class _DayFiles:
+    """The open Parquet file of each day, touched only by the background thread's jobs.
+
+    Rows come in sorted runs; a run that starts before the end of what the day's open file
+    holds closes that file and starts the next part, so every file stays sorted.  At most
+    ``_OPEN`` files are open at once (the least recently written one is closed first).
+    """
+
+    def __init__(self, limits: Limits, stage_dir: Path, window_id: int, attempt: int) -> None:
+        self.limits, self.stage_dir = limits, stage_dir
+        self.window_id, self.attempt = window_id, attempt
+        self.open: dict[int, _File] = {}
+        self.seq = self.uses = 0
+        self.written: list[tuple[Path, int, str]] = []
+
+    def write(self, day: int, tables: list[pa.Table], final: bool) -> None:
+        """Append ``tables`` (one day's rows) as a row group, sorted; ``final``: close it."""
+        if tables:
+            table = pa.concat_tables(tables)  # no copy: the chunks are kept
+            stamps = table.column("sessionTimestamp").cast(pa.int64()).to_numpy()
+            if len(stamps) > 1 and not (np.diff(stamps) >= 0).all():
+                order = np.argsort(stamps, kind="stable")
+                table, stamps = table.take(pa.array(order)), stamps[order]
+            file = self.open.get(day)
+            if file is not None and stamps[0] < file.last:
+                self.finish(day)
+                file = None
+            if file is None:
+                file = self._start(day)
+            file.writer.write_table(table, row_group_size=2 * self.limits.row_group_rows)
+            file.rows += table.num_rows
+            file.last = int(stamps[-1])
+            self.uses += 1
+            file.used = self.uses
+        if final and day in self.open:
+            self.finish(day)
+
+    def _start(self, day: int) -> _File:
+        if len(self.open) >= _OPEN:
+            self.finish(min(self.open, key=lambda d: self.open[d].used))
+        partition = day_partition(day)
         directory = self.stage_dir / partition
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / part_name(self.window_id, self.attempt, seq)
-        with path.open("wb") as handle:
-            pq.write_table(
-                table,
-                handle,
-                compression="zstd",
-                row_group_size=self.limits.row_group_rows,
-                use_dictionary=_DICTIONARY,
-                write_statistics=_STATISTICS,
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
+        path = directory / part_name(self.window_id, self.attempt, self.seq)
+        self.seq += 1
+        handle = path.open("wb")
+        try:
+            options = {"use_dictionary": _DICTIONARY, "write_statistics": _STATISTICS}
+            writer = pq.ParquetWriter(handle, SCHEMA, compression="zstd", **options)
+        except BaseException:
+            handle.close()
+            raise
+        self.open[day] = file = _File(path, partition, handle, writer)
+        return file
+
+    def finish(self, day: int) -> None:
+        """Close ``day``'s file: footer, fsync; then it counts."""
+        file = self.open.pop(day)
+        try:
+            file.writer.close()
+            file.handle.flush()
+            os.fsync(file.handle.fileno())
+        finally:
+            file.handle.close()
         crashpoints.hit("writer.stage")
-        self.written.append((path, table.num_rows, partition))
+        self.written.append((file.path, file.rows, file.partition))
+
+    def discard(self) -> None:
+        """Close and remove every file, open or finished (the stage failed)."""
+        for file in self.open.values():
+            with contextlib.suppress(BaseException):
+                file.writer.close()
+            file.handle.close()
+            file.path.unlink(missing_ok=True)
+        for path, _, _ in self.written:
+            path.unlink(missing_ok=True)
+        self.open.clear()
+        self.written.clear()
