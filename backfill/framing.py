@@ -64,15 +64,19 @@ def frame(
     ``BadDataError`` for a line longer than ``max_line`` bytes.
     """
     view = np.frombuffer(data, dtype=np.uint8)
-    quotes = _QuoteCount(view) if csv_quotes else None
     kept: list[np.ndarray[Any, Any]] = []
-    last, count = -1, 0
+    last, count, odd = -1, 0, 0  # odd: the quotes before the step are odd in number
     for low in range(0, len(view), _STEP):
-        newlines = np.flatnonzero(view[low : low + _STEP] == 10) + low
-        if quotes is not None and len(newlines):
-            newlines = newlines[quotes.even_before(newlines)]
+        step = view[low : low + _STEP]
+        newlines = np.flatnonzero(step == 10)
+        if csv_quotes:  # counted a step at a time: no array the size of the block
+            quotes = _QuoteCount(step)
+            if len(newlines):
+                newlines = newlines[quotes.even_before(newlines, odd)]
+            odd = (odd + quotes.total) & 1
         if not len(newlines):
             continue
+        newlines += low
         before = np.concatenate(([last], newlines[:-1]))
         lengths = newlines - before  # the newline included
         if int(lengths.max()) > max_line:
@@ -102,14 +106,17 @@ class _QuoteCount:
         per_word = self.words * _ONES
         per_word >>= np.uint64(56)
         self.before = np.cumsum(per_word)
+        self.total = int(self.before[-1])  # the quotes in the whole view
         self.before -= per_word  # the quotes in the words before each
 
-    def even_before(self, positions: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """True where an even number of quotes precede each position."""
+    def even_before(self, positions: np.ndarray[Any, Any], odd: int = 0) -> np.ndarray[Any, Any]:
+        """True where an even number of quotes precede each position (``odd``: one more
+        quote than the view holds came before it)."""
         word = positions >> 3
         inside = (np.uint64(1) << ((positions & 7) * 8).astype(np.uint64)) - np.uint64(1)
         partial = ((self.words[word] & inside) * _ONES) >> np.uint64(56)
-        even: np.ndarray[Any, Any] = ((self.before[word] + partial) & np.uint64(1)) == 0
+        total = self.before[word] + partial + np.uint64(odd)
+        even: np.ndarray[Any, Any] = (total & np.uint64(1)) == 0
         return even
 
 
