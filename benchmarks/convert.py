@@ -28,6 +28,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,8 +260,8 @@ def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
     """One engine's run in a child process.  ``ours@DIR`` is ours with the ``backfill`` package
     found in ``DIR`` (an older checkout, say: ``git archive <commit> backfill | tar -x -C DIR``)."""
     engine, _, code = engine.partition("@")
-    out = work / f"out-{engine}"
-    shutil.rmtree(out, ignore_errors=True)
+    # A folder of its own: a run left over from an interrupted benchmark must not write into it.
+    out = Path(tempfile.mkdtemp(prefix=f"out-{engine}-", dir=work))
     command = [sys.executable, __file__, "--child", engine, str(source), str(out), fmt]
     done = subprocess.run(
         command,
