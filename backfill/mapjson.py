@@ -23,12 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from backfill.schema import MAP
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["decode"]
+__all__ = ["MAP", "decode"]
 
-MAP = pa.map_(pa.string(), pa.string())
 _QUOTE, _BACKSLASH, _COLON, _COMMA, _OPEN, _CLOSE = 34, 92, 58, 44, 123, 125
 _INSIDE = np.array([1, 0, 1, 0])  # a key runs from after its first quote to its second ...
 # What a backslash escape stands for; escapes not here (``\\u``, or none JSON has) go slow.
