@@ -44,7 +44,7 @@ from isal import isal_zlib
 
 from backfill.errors import BadDataError
 from backfill.framing import blocks, chain, csv_header
-from backfill.inflate import Prefetch, chunks
+from backfill.inflate import Inline, Prefetch, chunks
 from backfill.parsers import PARSE_ERRORS, ParserPool
 from backfill.schema import FIELDS, MAPS, SCHEMA, Limits, Stopped, stop_check
 
@@ -96,7 +96,9 @@ def tables(
     and ``Stopped`` within a block's work of ``stop`` being set.
     """
     check_stop = stop_check(stop)
-    pieces = Prefetch(chunks(source, limits, where), check_stop=check_stop)
+    inline = small(source, limits)
+    reader = Inline if inline else Prefetch
+    pieces = reader(chunks(source, limits, where), check_stop=check_stop)
     parsers: ParserPool | None = None
     try:
         with translate(where):
@@ -106,13 +108,24 @@ def tables(
             if fmt == "csv":
                 first, header = csv_header(first, pieces, limits, where)
                 line += 1
-            parsers = ParserPool(limits.parse_workers, fmt, header, quarantine, limits, check_stop)
+            workers = 0 if inline else limits.parse_workers
+            parsers = ParserPool(workers, fmt, header, quarantine, limits, check_stop)
             framed = blocks(chain(first, pieces), limits, fmt == "csv", where, line, check_stop)
         yield _translated(parsers.map(framed, where), where)
     finally:
         if parsers is not None:
             parsers.close()
         pieces.close()
+
+
+def small(source: Path, limits: Limits) -> bool:
+    """True if ``source`` is small enough to convert on the caller's thread alone (inflating,
+    parsing and writing one after another): about a block once inflated.  A window of a few
+    thousand rows then pays no thread hop, and conversions at once keep the cores busy."""
+    try:
+        return source.stat().st_size <= limits.block_bytes // 8
+    except OSError:  # the reader names the problem
+        return False
 
 
 def _skip_blank(pieces: Iterator[bytes], check_stop: Callable[[], None]) -> tuple[bytes, int]:

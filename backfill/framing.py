@@ -154,11 +154,12 @@ def blocks(
                 waiting.append(piece)
                 have, short = have + len(piece), False
                 continue
-        if waiting:
-            carry, have = b"".join([carry, *waiting]), 0
+        if waiting:  # one piece and nothing carried (a small download): no copy
+            carry = waiting[0] if not carry and len(waiting) == 1 else b"".join([carry, *waiting])
+            have = 0
             waiting.clear()
         if ended:
-            if not carry.strip():
+            if not carry or carry.isspace():  # (``strip`` would copy it all to say so)
                 return
             if not carry.endswith(b"\n"):
                 carry += b"\n"

@@ -117,6 +117,26 @@ def _unzip(path: Path, budget: int, where: dict[str, str | None]) -> Iterator[by
         raise BadDataError(f"corrupt zip file: {exc}", **where) from exc
 
 
+class Inline:
+    """``Prefetch``'s iterator on the caller's thread (a small download is not worth one)."""
+
+    def __init__(self, source: Iterator[bytes], check_stop: Callable[[], None]) -> None:
+        self._source = source
+        self._check_stop = check_stop
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        self._check_stop()
+        return next(self._source)
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+
+
 class Prefetch:
     """Runs a byte iterator (decompression) in a thread, one piece ahead: overlaps with parsing."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,7 +159,10 @@ class Layout:
         link = self._first_link(path)  # first: the link is the clearer thing to name
         if link is not None:
             raise IntegrityError(_link_refusal(path, link))
-        if not path.resolve().is_relative_to(self.root.resolve()):
+        # Spelled from the root without "..", and no link on the way: it resolves under the
+        # root (the cheap check; ``resolve`` costs a system call a component).
+        plain = path.is_relative_to(self.root) and ".." not in path.parts
+        if not plain and not path.resolve().is_relative_to(self.root.resolve()):
             raise IntegrityError(f"refusing to touch {path}: outside the output root {self.root}")
         return path
 
@@ -168,13 +172,15 @@ class Layout:
             parts = path.relative_to(self.root).parts
         except ValueError:  # not spelled from the root: the resolved check names it
             return None
-        current = self.root
-        for part in parts:
-            current = current / part
-            if current.is_symlink():
-                return current
-            if not current.exists():  # nothing deeper exists to be a link
+        current = str(self.root)
+        for depth, part in enumerate(parts, 1):
+            current = os.path.join(current, part)
+            try:
+                mode = os.lstat(current).st_mode  # one system call: a link, or there at all
+            except (FileNotFoundError, NotADirectoryError):  # nothing deeper exists to be a link
                 return None
+            if stat.S_ISLNK(mode):
+                return self.root.joinpath(*parts[:depth])
         return None
 
     def files(self, base: Path, depth: int) -> tuple[list[Path], list[Path]]:

@@ -267,7 +267,8 @@ _Parsed = tuple[pa.Table, list[tuple[int, str, str]]]
 
 
 class ParserPool:
-    """Parses blocks on ``workers`` threads, each with its own parser; results come in order."""
+    """Parses blocks on ``workers`` threads, each with its own parser; results come in order.
+    ``workers`` 0: one parser, on the caller's thread."""
 
     def __init__(
         self,
@@ -280,6 +281,7 @@ class ParserPool:
     ) -> None:
         self._check_stop = check_stop
         self._quarantine = quarantine
+        self._inline = workers < 1  # parse on the caller's thread (a small download)
         self._idle: queue.Queue[_Parser] = queue.Queue()
         self._all = [
             _Parser(fmt, header, quarantine, limits, check_stop) for _ in range(max(1, workers))
@@ -302,6 +304,12 @@ class ParserPool:
 
     def map(self, blocks: Iterable[Block], where: dict[str, str | None]) -> Iterator[pa.Table]:
         """Parsed tables in block order; at most one block waits per worker beyond those running."""
+        if self._inline:
+            for block in blocks:
+                self._check_stop()
+                table, held = self._parse(block, where)
+                yield self._emit(table, held)
+            return
         pending: deque[Future[_Parsed]] = deque()
         try:
             for block in blocks:
@@ -325,6 +333,9 @@ class ParserPool:
                 break
             except TimeoutError:
                 continue
+        return self._emit(table, held)
+
+    def _emit(self, table: pa.Table, held: list[tuple[int, str, str]]) -> pa.Table:
         for line, text, reason in held:
             assert self._quarantine is not None
             self._quarantine(line, text, reason)

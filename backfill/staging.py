@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Literal
 
@@ -35,7 +34,6 @@ from backfill.schema import MAPS, SCHEMA
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from concurrent.futures import Future
     from pathlib import Path
 
     from backfill.layout import Layout
@@ -94,7 +92,8 @@ def stage(
     try:
         rejects = _Rejects(layout.rejects_path(app, window_id, attempt))
         quarantine = rejects.add if on_bad_rows == "quarantine" else None
-        sink = _PartitionSink(limits, stage_dir, window_id, attempt)
+        small = decode.small(source, limits)  # one thread for it all: no hop is worth it
+        sink = _PartitionSink(limits, stage_dir, window_id, attempt, inline=small)
         window = (start_ms, end_ms) if end_ms > start_ms else None
         with decode.translate(where):
             rows = _convert(source, limits, where, quarantine, sink, rejects, window, stop)
@@ -228,42 +227,6 @@ class _Rejects:
             self._handle.close()
 
 
-class _Background:
-    """Jobs run in order on the process's shared write threads, at most ``depth`` waiting; the
-    first error is raised at the next ``submit`` or at ``close``, and the jobs after it are
-    skipped (but for those submitted with ``always``: clean-ups)."""
-
-    def __init__(self, depth: int = 2) -> None:
-        self._tasks = threads.Tasks(threads.executor("write", 4))
-        self._room = threading.BoundedSemaphore(depth + 1)  # queued and running
-        self._last: Future[None] | None = None
-        self._error: BaseException | None = None
-
-    def _run(self, job: Callable[[], None], before: Future[None] | None, always: bool) -> None:
-        try:
-            if before is not None:
-                futures.wait([before])  # one after another, as submitted
-            if always or self._error is None:
-                job()
-        except BaseException as exc:  # kept for close(), which raises it
-            if self._error is None:
-                self._error = exc
-        finally:
-            self._room.release()
-
-    def submit(self, job: Callable[[], None], *, always: bool = False) -> None:
-        if self._error is not None and not always:
-            raise self._error
-        self._room.acquire()
-        self._last = self._tasks.submit(functools.partial(self._run, job, self._last, always))
-
-    def close(self) -> None:
-        if self._last is not None:
-            futures.wait([self._last])
-        if self._error is not None:
-            raise self._error
-
-
 @dataclass(slots=True)
 class _Partition:
     """One UTC day's rows not yet handed to the writer (the parsing thread's side)."""
@@ -286,8 +249,10 @@ class _PartitionSink:
     ``buffer_bytes`` in all, the least recently touched day is flushed early.
     """
 
-    def __init__(self, limits: Limits, stage_dir: Path, window_id: int, attempt: int) -> None:
-        self.background = _Background(depth=1)
+    def __init__(
+        self, limits: Limits, stage_dir: Path, window_id: int, attempt: int, *, inline: bool = False
+    ) -> None:
+        self.background = threads.Serial("write", depth=1, inline=inline)
         self.limits = limits
         self.files = _DayFiles(limits, stage_dir, window_id, attempt)
         self.partitions: dict[int, _Partition] = {}

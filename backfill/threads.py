@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from concurrent.futures import Future
 
-__all__ = ["Tasks", "executor"]
+__all__ = ["Serial", "Tasks", "executor"]
 
 T = TypeVar("T")
 
@@ -95,3 +96,48 @@ class Tasks:
         for future in futures:
             future.cancel()
         wait(futures)
+
+
+class Serial:
+    """Jobs run one after another, in order, on the shared executor ``name``, at most ``depth``
+    waiting; the first error is raised at the next ``submit`` or at ``close``, and the jobs
+    after it are skipped (but for those submitted with ``always``: clean-ups).
+
+    ``inline``: each job runs on the caller's thread, at once (a small download's few jobs
+    are not worth a thread hop each); its error is raised there and then, and kept for ``close``.
+    """
+
+    def __init__(self, name: str, depth: int = 2, *, inline: bool = False) -> None:
+        self._tasks = None if inline else Tasks(executor(name, 4))
+        self._room = threading.BoundedSemaphore(depth + 1)  # queued and running
+        self._last: Future[None] | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, job: Callable[[], None], before: Future[None] | None, always: bool) -> None:
+        try:
+            if before is not None:
+                wait([before])  # one after another, as submitted
+            if always or self._error is None:
+                job()
+        except BaseException as exc:  # kept for close(), which raises it
+            if self._error is None:
+                self._error = exc
+        finally:
+            self._room.release()
+
+    def submit(self, job: Callable[[], None], *, always: bool = False) -> None:
+        if self._error is not None and not always:
+            raise self._error
+        self._room.acquire()
+        if self._tasks is None:
+            self._run(job, None, always)
+            if self._error is not None and not always:
+                raise self._error
+            return
+        self._last = self._tasks.submit(functools.partial(self._run, job, self._last, always))
+
+    def close(self) -> None:
+        if self._last is not None:
+            wait([self._last])
+        if self._error is not None:
+            raise self._error

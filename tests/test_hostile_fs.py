@@ -207,3 +207,23 @@ def test_a_linked_file_among_downloads_is_refused_not_followed(tmp_path: Path) -
     with pytest.raises(IntegrityError, match="symbolic link"):
         store.download_path("small", 3, 1)
     _intact(outside, "backup.gz")
+
+
+def test_inside_refuses_a_way_out_and_names_the_first_link(tmp_path: Path) -> None:
+    from backfill.layout import Layout
+
+    root = tmp_path / "out"
+    (root / "events" / "a").mkdir(parents=True)
+    (root / "events" / "file").write_text("x")
+    layout = Layout(root=root)
+    # No link on the way, spelled from the root: fine, even where nothing exists yet.
+    assert layout.inside(root / "events" / "a" / "new" / "x") == root / "events" / "a" / "new" / "x"
+    assert layout.inside(root / "events" / "file" / "below")  # a file on the way: no link either
+    assert layout.inside(root / "events" / ".." / "events")  # ".." that stays under the root
+    with pytest.raises(IntegrityError, match="outside the output root"):
+        layout.inside(root / "events" / ".." / ".." / "elsewhere")
+    with pytest.raises(IntegrityError, match="outside the output root"):
+        layout.inside(tmp_path / "elsewhere")
+    (root / "events" / "a" / "link").symlink_to(tmp_path)
+    with pytest.raises(IntegrityError, match=r"a/link is a symbolic link"):
+        layout.inside(root / "events" / "a" / "link" / "deeper" / "x")
