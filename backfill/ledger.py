@@ -40,6 +40,7 @@ from backfill.models import (
     WindowRecord,
     WindowState,
     advance,
+    check_tiles,
 )
 
 if TYPE_CHECKING:
@@ -228,15 +229,7 @@ class Ledger(AppFacts):
         ``commit_group`` once all of them are staged, never one by one.
         """
         advance(record.state, WindowState.SPLIT)
-        spans = sorted((c.start, c.end) for c in children)
-        tiled = (
-            bool(spans)
-            and spans[0][0] == record.window.start
-            and spans[-1][1] == record.window.end
-            and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
-        )
-        if not tiled or any(c.app != record.window.app for c in children):
-            raise ValueError(f"children do not tile {record.window.label}")
+        check_tiles(record.window, children)
         return await self._run(self._write, self._split, record, list(children))
 
     def _split(self, record: WindowRecord, children: list[Window]) -> list[WindowRecord]:

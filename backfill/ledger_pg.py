@@ -30,7 +30,14 @@ from backfill.ledger_pg_conn import PgConnection
 from backfill.ledger_pg_leases import FENCE, PgLeases
 from backfill.ledger_pg_schema import COLUMNS, WorkerInfo, mask_url, record_of
 from backfill.ledger_schema import UPDATABLE, RecordedSettings
-from backfill.models import UNFINISHED, Window, WindowRecord, WindowState, advance
+from backfill.models import (
+    UNFINISHED,
+    Window,
+    WindowRecord,
+    WindowState,
+    advance,
+    check_tiles,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -164,15 +171,7 @@ class PgLedger(PgLeases, PgBudget, PgAppFacts, PgConnection):
         lease length asked for).  See ``ledger.Ledger.split`` for ``replaces``.
         """
         advance(record.state, WindowState.SPLIT)
-        spans = sorted((c.start, c.end) for c in children)
-        tiled = (
-            bool(spans)
-            and spans[0][0] == record.window.start
-            and spans[-1][1] == record.window.end
-            and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
-        )
-        if not tiled or any(c.app != record.window.app for c in children):
-            raise ValueError(f"children do not tile {record.window.label}")
+        check_tiles(record.window, children)
         async with self._tx() as conn:
             return await self._split(conn, record, list(children))
 

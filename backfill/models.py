@@ -16,9 +16,12 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from backfill.errors import IllegalTransitionError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "Changes",
@@ -138,3 +141,17 @@ class Changes(TypedDict, total=False):
     rows: int | None
     bytes: int | None
     manifest: str | None
+
+
+def check_tiles(window: Window, children: Sequence[Window]) -> None:
+    """Raise ``ValueError`` unless ``children`` (of ``window``'s app) tile ``window`` exactly:
+    no gap, no overlap, nothing outside (what a split must hand the ledger)."""
+    spans = sorted((c.start, c.end) for c in children)
+    tiled = (
+        bool(spans)
+        and spans[0][0] == window.start
+        and spans[-1][1] == window.end
+        and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    )
+    if not tiled or any(c.app != window.app for c in children):
+        raise ValueError(f"children do not tile {window.label}")
