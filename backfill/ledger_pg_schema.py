@@ -1,4 +1,4 @@
-"""The PostgreSQL ledger's schema: its migrations, how a row becomes a value, and safe URLs.
+"""The PostgreSQL ledger's schema: its migrations, and safe URLs.
 
 Theory of operation.  ``MIGRATIONS[n]`` takes a database from schema version n to n + 1 (the
 one row of ``backfill_schema``); ``PgLedger.open`` runs the ones a database lacks in one
@@ -8,23 +8,19 @@ ids, ``BIGINT`` epoch ms, ``BOOLEAN`` retryable); version 4 adds what only a sha
 needs: window leases (``lease_owner``, ``lease_until``), the ``workers`` table, the shared API
 budget (``api_slots``) and the shared pacer and 429 gate (``api_pacer``, one row).
 
-A connection URL may carry a password; ``mask_url`` shows one with the password replaced by
-``***``, and no message of the PostgreSQL ledger is built from the raw URL.
+A row becomes a value as in the SQLite ledger (``ledger_schema.record_of`` and ``settings_of``,
+re-exported here): the two share their columns.  A connection URL may carry a password;
+``mask_url`` shows one with the password replaced by ``***``, and no message of the
+PostgreSQL ledger is built from the raw URL.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from backfill.config_places import masked
-from backfill.errors import LedgerError
-from backfill.ledger_schema import RecordedSettings
-from backfill.models import Window, WindowRecord, WindowState
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
+from backfill.ledger_schema import COLUMNS, record_of, settings_of
 
 __all__ = [
     "COLUMNS",
@@ -114,60 +110,10 @@ MIGRATIONS: tuple[str, ...] = (
 # The schema version, one row; created (if missing) before any migration runs.
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS backfill_schema (version INTEGER NOT NULL)"
 
-COLUMNS = (
-    "id, app, start_ms, end_ms, state, attempt, parent_id, request_id, submitted_at, ready_at, "
-    "error_class, error_message, retryable, rows, bytes, manifest, committed_attempt, "
-    "created_at, updated_at, replaces, failures"
-)
-
 
 def statements(script: str) -> list[str]:
     """The statements of one migration (none holds a ``;`` inside)."""
     return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _state(row: Mapping[str, Any]) -> WindowState:
-    try:
-        return WindowState(row["state"])
-    except ValueError:
-        raise LedgerError(
-            f"window {row['id']} has the state {row['state']!r}, which this backfill does not "
-            "know (written by a newer version, or edited by hand); upgrade backfill or fix the row"
-        ) from None
-
-
-def record_of(row: Mapping[str, Any]) -> WindowRecord:
-    """A ``windows`` row (selected with ``COLUMNS``) as a value."""
-    return WindowRecord(
-        id=row["id"],
-        window=Window(app=row["app"], start=row["start_ms"], end=row["end_ms"]),
-        state=_state(row),
-        attempt=row["attempt"],
-        parent_id=row["parent_id"],
-        request_id=row["request_id"],
-        submitted_at=row["submitted_at"],
-        ready_at=row["ready_at"],
-        error_class=row["error_class"],
-        error_message=row["error_message"],
-        retryable=row["retryable"],
-        rows=row["rows"],
-        bytes=row["bytes"],
-        manifest=row["manifest"],
-        committed_attempt=row["committed_attempt"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        replaces=row["replaces"],
-        failures=row["failures"],
-    )
-
-
-def settings_of(row: Mapping[str, Any]) -> RecordedSettings:
-    def items(text: str) -> tuple[str, ...]:
-        return tuple(filter(None, text.split(",")))
-
-    return RecordedSettings(app=row["app"], api_key=row["api_key"],
-                            app_versions=items(row["app_versions"]),
-                            event_ids=items(row["event_ids"]))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

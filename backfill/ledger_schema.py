@@ -10,13 +10,16 @@ port to PostgreSQL.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from backfill.errors import LedgerError
 from backfill.models import Changes, Window, WindowRecord, WindowState
 
 if TYPE_CHECKING:
     import sqlite3
+    from collections.abc import Mapping
+
+    Row = sqlite3.Row | Mapping[str, Any]  # a row of either ledger, read by column name
 
 __all__ = ["COLUMNS", "MIGRATIONS", "UPDATABLE", "RecordedSettings", "record_of", "settings_of"]
 
@@ -79,7 +82,7 @@ COLUMNS = (
 UPDATABLE = Changes.__optional_keys__ | {"committed_attempt"}
 
 
-def _state(row: sqlite3.Row) -> WindowState:
+def _state(row: Row) -> WindowState:
     try:
         return WindowState(row["state"])
     except ValueError:
@@ -89,7 +92,8 @@ def _state(row: sqlite3.Row) -> WindowState:
         ) from None
 
 
-def record_of(row: sqlite3.Row) -> WindowRecord:
+def record_of(row: Row) -> WindowRecord:
+    """A ``windows`` row (selected with ``COLUMNS``) as a value; SQLite's or PostgreSQL's."""
     retryable = row["retryable"]
     return WindowRecord(
         id=row["id"],
@@ -124,7 +128,7 @@ class RecordedSettings:
     event_ids: tuple[str, ...] = ()
 
 
-def settings_of(row: sqlite3.Row) -> RecordedSettings:
+def settings_of(row: Row) -> RecordedSettings:
     def items(text: str) -> tuple[str, ...]:
         return tuple(filter(None, text.split(",")))
 
