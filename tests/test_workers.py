@@ -28,7 +28,7 @@ import pytest
 from backfill import planner
 from backfill.models import DAY_MS, HOUR_MS
 from backfill.simulator import AppProfile, ground_truth
-from tests.enginekit import ROOT, sim_settings, simulator_process
+from tests.enginekit import ROOT, canonical, sim_settings, simulator_process
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
@@ -96,14 +96,7 @@ async def _until_calls(log: Path, calls: int) -> None:
 def _landed(s3: S3Root, app: str) -> list[str]:
     base = s3.uri.removeprefix("s3://") + f"/events/app={app}"
     table = ds.dataset(base, filesystem=s3.filesystem(), format="parquet").to_table()
-    out = []
-    for row in table.to_pylist():
-        row["sessionTimestamp"] = int(row["sessionTimestamp"].timestamp() * 1000)
-        del row["eventTimestamp"]
-        for name in ("deviceIdentifiers", "eventParameters", "sessionProperties"):
-            row[name] = dict(row[name]) if row[name] is not None else None
-        out.append(json.dumps(row, sort_keys=True))
-    return sorted(out)
+    return canonical(table.to_pylist())
 
 
 @pytest.mark.timeout(1800)
