@@ -30,14 +30,7 @@ from backfill.ledger_pg_conn import PgConnection
 from backfill.ledger_pg_leases import FENCE, PgLeases
 from backfill.ledger_pg_schema import COLUMNS, WorkerInfo, mask_url, record_of
 from backfill.ledger_schema import UPDATABLE, RecordedSettings
-from backfill.models import (
-    UNFINISHED,
-    Window,
-    WindowRecord,
-    WindowState,
-    advance,
-    check_tiles,
-)
+from backfill.models import UNFINISHED, Window, WindowRecord, WindowState, advance, check_tiles
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
