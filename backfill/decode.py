@@ -7,9 +7,11 @@ their ratio, checked as it inflates, so a bomb fails the window; (2) frame whole
 records (CSV, where a newline inside quotes is not a boundary) into blocks of a few MB
 (``framing``), refusing an over-long line and dropping blank space without buffering it;
 (3) parse each block on its own thread (``parsers``); (4) cast to ``SCHEMA`` and derive
-``eventTimestamp``.  A block that does not parse is scanned row by row (``rowcheck``) to name
-the first bad line, field and value, or, when a quarantine callback is given, to set the bad
-rows aside and keep the good ones.  Every loop does a bounded amount of work between checks of
+``eventTimestamp``.  A small download (``small``: about a block once inflated) runs all four
+steps on the caller's thread instead: a thread hop costs more than its work there.  A block
+that does not parse is scanned row by row (``rowcheck``) to name the first bad line, field
+and value, or, when a quarantine callback is given, to set the bad rows aside and keep the
+good ones.  Every loop does a bounded amount of work between checks of
 the caller's ``stop`` (a callable or an Event), and raises ``Stopped`` once it is set.  Whatever
 DuckDB, Arrow, numpy or zlib raise on hostile input leaves ``tables()`` as ``BadDataError``.
 
