@@ -90,15 +90,17 @@ def tables(
     where: dict[str, str | None],
     quarantine: Callable[[int, str, str], None] | None = None,
     stop: Callable[[], bool] | threading.Event | None = None,
+    *,
+    inline: bool = False,
 ) -> Iterator[Iterator[pa.Table]]:
-    """The rows of ``source`` as Arrow tables in ``SCHEMA``, block by block.
+    """The rows of ``source`` as Arrow tables in ``SCHEMA``, block by block; ``inline``: all on
+    the caller's thread (for a download that is ``small``).
 
     A context manager, so that the prefetch and parser threads stop however the caller leaves.
     Raises ``BadDataError`` (from the iterator) for corrupt, hostile or schema-breaking input,
     and ``Stopped`` within a block's work of ``stop`` being set.
     """
     check_stop = stop_check(stop)
-    inline = small(source, limits)
     reader = Inline if inline else Prefetch
     pieces = reader(chunks(source, limits, where), check_stop=check_stop)
     parsers: ParserPool | None = None

@@ -127,7 +127,7 @@ def _convert(
     """Pour the rows of ``source`` into ``sink``; returns how many there were."""
     rows = 0
     try:
-        with decode.tables(source, limits, where, quarantine, stop) as batches:
+        with decode.tables(source, limits, where, quarantine, stop, inline=sink.inline) as batches:
             for table in batches:
                 kept = _inside(table, window, quarantine, where)
                 rows += kept.num_rows
@@ -252,6 +252,7 @@ class _PartitionSink:
     def __init__(
         self, limits: Limits, stage_dir: Path, window_id: int, attempt: int, *, inline: bool = False
     ) -> None:
+        self.inline = inline  # on the caller's thread: the download is small (decode.small)
         self.background = threads.Serial("write", depth=1, inline=inline)
         self.limits = limits
         self.files = _DayFiles(limits, stage_dir, window_id, attempt)
