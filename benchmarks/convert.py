@@ -263,15 +263,23 @@ def measure(engine: str, source: Path, fmt: str, work: Path) -> dict[str, Any]:
     # A folder of its own: a run left over from an interrupted benchmark must not write into it.
     out = Path(tempfile.mkdtemp(prefix=f"out-{engine}-", dir=work))
     command = [sys.executable, __file__, "--child", engine, str(source), str(out), fmt]
+    try:
+        return run_child(command, code or str(ROOT))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_child(command: list[str], pythonpath: str) -> dict[str, Any]:
+    """Run a benchmark's child process; the JSON object its last line prints, or
+    ``{"error": <its last line of stderr>}`` if it failed."""
     done = subprocess.run(
         command,
         capture_output=True,
         text=True,
         check=False,
         cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": code or str(ROOT)},
+        env=os.environ | {"PYTHONPATH": pythonpath},
     )
-    shutil.rmtree(out, ignore_errors=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -286,17 +294,19 @@ def measure_all(
     for round_ in range(max(1, repeat)):
         for engine in engines if round_ == 0 else engines[:2]:
             runs[engine].append(measure(engine, source, fmt, work))
-    return {engine: _median(results) for engine, results in runs.items()}
+    return {engine: median(results) for engine, results in runs.items()}
 
 
-def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+def median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure of the runs, and each run's seconds (the first failure, if
+    any failed)."""
     failed = [r for r in results if "error" in r]
     if failed:
         return failed[0]
     middle = len(results) // 2
-    return {
-        key: sorted(r[key] for r in results)[middle] for key in ("rows", "seconds", "peak_mb")
-    } | {"runs": [round(r["seconds"], 2) for r in results]}
+    return {key: sorted(r[key] for r in results)[middle] for key in results[0]} | {
+        "runs": [round(r["seconds"], 2) for r in results]
+    }
 
 
 def main() -> None:

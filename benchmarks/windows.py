@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,19 +122,10 @@ def measure(
     listing.write_text("\n".join(str(s) for s in sources))
     command = [sys.executable, __file__, "--child", str(out), str(listing), str(hours),
                str(conversions or 0)]  # fmt: skip
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=convert.ROOT,
-        env=os.environ | {"PYTHONPATH": f"{convert.ROOT}:{Path(__file__).parent}"},
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    try:
+        return convert.run_child(command, f"{convert.ROOT}:{Path(__file__).parent}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def compare(
@@ -148,18 +137,7 @@ def compare(
     for _ in range(max(1, repeat)):
         runs["many"].append(measure(files, windows, work, conversions))
         runs["one"].append(measure([whole], windows, work, conversions))
-    return {name: _median(results) for name, results in runs.items()}
-
-
-def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median of every figure of the runs (the first failure, if any failed)."""
-    failed = [r for r in results if "error" in r]
-    if failed:
-        return failed[0]
-    middle = len(results) // 2
-    return {key: sorted(r[key] for r in results)[middle] for key in results[0]} | {
-        "runs": [round(r["seconds"], 2) for r in results]
-    }
+    return {name: convert.median(results) for name, results in runs.items()}
 
 
 def main() -> None:
