@@ -180,6 +180,8 @@ def _entries_fit(b: _Bytes, q: Ints, entry_row: Ints) -> Bools:
 
 def _cut(b: _Bytes, q: Ints) -> tuple[pa.Array, pa.Array]:
     """The keys and the values between the quotes ``q``, their escapes undone."""
+    if not len(q):
+        return pa.array([], pa.string()), pa.array([], pa.string())
     bounds = (q + _INSIDE).ravel()
     data, buffer = b.data, b.buffer
     if len(b.escapes):  # one copy of the bytes without the escaping backslashes
@@ -195,12 +197,10 @@ def _cut(b: _Bytes, q: Ints) -> tuple[pa.Array, pa.Array]:
         buffer = pa.py_buffer(data)
     else:
         bounds = bounds + b.base
-    wide = len(bounds) > 0 and int(bounds[-1]) >= 2**31 - 1
+    wide = int(bounds[-1]) >= 2**31 - 1
     kind = pa.large_string() if wide else pa.string()
     offsets = pa.py_buffer(bounds.astype(np.int64 if wide else np.int32))
-    pieces = pa.Array.from_buffers(kind, max(len(bounds) - 1, 0), [None, offsets, buffer])
-    if not len(q):
-        return pa.array([], pa.string()), pa.array([], pa.string())
+    pieces = pa.Array.from_buffers(kind, len(bounds) - 1, [None, offsets, buffer])
     every = pa.array(np.arange(0, 4 * len(q), 4))
     keys, values = pieces.take(every), pieces.take(pc.add(every, 2))
     return (keys.cast(pa.string()), values.cast(pa.string())) if wide else (keys, values)
