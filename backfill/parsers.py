@@ -281,7 +281,6 @@ class ParserPool:
     ) -> None:
         self._check_stop = check_stop
         self._quarantine = quarantine
-        self._inline = workers < 1  # parse on the caller's thread (a small download)
         self._idle: queue.Queue[_Parser] = queue.Queue()
         self._all = [
             _Parser(fmt, header, quarantine, limits, check_stop) for _ in range(max(1, workers))
@@ -289,7 +288,10 @@ class ParserPool:
         for parser in self._all:
             self._idle.put(parser)
         # Twice the workers: another conversion may run at once, and threads are made lazily.
-        self._tasks = threads.Tasks(threads.executor("parse", 2 * len(self._all)))
+        # None: no thread at all, the caller's parses (a small download).
+        self._tasks = (
+            threads.Tasks(threads.executor("parse", 2 * len(self._all))) if workers >= 1 else None
+        )
 
     def _parse(self, block: Block, where: dict[str, str | None]) -> _Parsed:
         """The block's table, and the rows it set aside (handed on in block order by ``map``)."""
@@ -304,7 +306,8 @@ class ParserPool:
 
     def map(self, blocks: Iterable[Block], where: dict[str, str | None]) -> Iterator[pa.Table]:
         """Parsed tables in block order; at most one block waits per worker beyond those running."""
-        if self._inline:
+        tasks = self._tasks
+        if tasks is None:
             for block in blocks:
                 self._check_stop()
                 table, held = self._parse(block, where)
@@ -314,7 +317,7 @@ class ParserPool:
         try:
             for block in blocks:
                 self._check_stop()
-                pending.append(self._tasks.submit(functools.partial(self._parse, block, where)))
+                pending.append(tasks.submit(functools.partial(self._parse, block, where)))
                 if len(pending) > len(self._all):
                     yield self._result(pending.popleft())
             while pending:
@@ -342,6 +345,7 @@ class ParserPool:
         return table
 
     def close(self) -> None:
-        self._tasks.cancel()
+        if self._tasks is not None:
+            self._tasks.cancel()
         for parser in self._all:
             parser.close()
