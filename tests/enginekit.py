@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as ds
 
-from backfill import ledgers
+from backfill import ledgers, planner
 from backfill.client import FlurryClient, Secret
 from backfill.config import (
     POLICY_KEYS,
@@ -22,6 +24,7 @@ from backfill.config import (
     WindowSettings,
 )
 from backfill.engine import Engine
+from backfill.models import DAY_MS, HOUR_MS
 from backfill.objstore import open_store
 from backfill.policy import Policy
 from backfill.simulator import AppProfile, SimulatorSettings, ground_truth, serve
@@ -183,6 +186,25 @@ def canonical(rows: list[dict[str, Any]]) -> list[str]:
             row[name] = dict(row[name]) if row[name] is not None else None
         out.append(json.dumps(row, sort_keys=True))
     return sorted(out)
+
+
+def planned_ranges(began_ms: int, history_days: int) -> list[tuple[int, int]]:
+    """The ranges runs started since ``began_ms`` may have planned (``history_days`` back, to
+    yesterday's end): one, or two when a UTC midnight fell since then, for the plan follows the
+    day of its clock.  A test asserts its rows are exactly one of them."""
+    ranges: list[tuple[int, int]] = []
+    for now in (began_ms, int(time.time() * 1000)):
+        start = max(planner.floor_midnight(now - history_days * DAY_MS, dt.UTC),
+                    planner.horizon_start(now))  # fmt: skip
+        span = (start, planner.range_end(now, 24 * HOUR_MS))
+        if span not in ranges:
+            ranges.append(span)
+    return ranges
+
+
+def matching(got: list[str], truths: list[list[str]]) -> list[str]:
+    """The truth ``got`` equals, if any; else the last one (so the assertion shows the diff)."""
+    return next((t for t in truths if t == got), truths[-1])
 
 
 def truth(sim: SimulatorSettings, app: str, start: int, end: int) -> list[str]:

@@ -12,7 +12,6 @@ workers share through the ledger was never exceeded.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -25,10 +24,15 @@ import anyio
 import pyarrow.dataset as ds
 import pytest
 
-from backfill import planner
-from backfill.models import DAY_MS, HOUR_MS
 from backfill.simulator import AppProfile, ground_truth
-from tests.enginekit import ROOT, canonical, sim_settings, simulator_process
+from tests.enginekit import (
+    ROOT,
+    canonical,
+    matching,
+    planned_ranges,
+    sim_settings,
+    simulator_process,
+)
 from tests.simkit import TOKEN
 
 if TYPE_CHECKING:
@@ -106,6 +110,7 @@ async def test_four_workers_kills_and_a_pause_past_the_lease_land_exactly_once(
     sim = sim_settings(apps=APPS, max_processing=CAP, latency_base_s=0.05,
                        too_large_phrasings=("canonical",))  # fmt: skip
     env = os.environ | s3_root.env | {"FLURRY_TOKEN": TOKEN}
+    began = int(time.time() * 1000)  # the workers plan by their clock's day: from here on
     async with simulator_process(sim, tmp_path) as (base, calls):
         config = _config(tmp_path, base, pg_url, s3_root)
         command = [sys.executable, "-m", "backfill.cli", "run", "--config", str(config)]
@@ -138,11 +143,10 @@ async def test_four_workers_kills_and_a_pause_past_the_lease_land_exactly_once(
     assert "window.turn.stale" in resumed, "the paused worker's windows were taken over"
     submits = [c for c in _log_lines(calls) if c.get("kind") == "submit"]
     assert submits and not [c for c in submits if c.get("status") == 429], "over the shared cap"
-    now = int(time.time() * 1000)
-    start = max(planner.floor_midnight(now - HISTORY_DAYS * DAY_MS, dt.UTC),
-                planner.horizon_start(now))  # fmt: skip
-    end = planner.range_end(now, 24 * HOUR_MS)
+    ranges = planned_ranges(began, HISTORY_DAYS)
     for app in APPS:
-        truth = sorted(json.dumps(r, sort_keys=True)
-                       for r in ground_truth(sim, app.api_key, start, end))  # fmt: skip
-        assert _landed(s3_root, app.name) == truth, app.name
+        truths = [sorted(json.dumps(r, sort_keys=True)
+                         for r in ground_truth(sim, app.api_key, start, end))
+                  for start, end in ranges]  # fmt: skip
+        got = _landed(s3_root, app.name)
+        assert got == matching(got, truths), app.name
