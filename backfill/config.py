@@ -73,6 +73,7 @@ class ApiSettings:
     calls_per_minute: int = 120  # submit + status calls
     downloads_at_once: int = 4
     conversions_at_once: int = field(default_factory=lambda: min(os.cpu_count() or 1, 4))
+    conversion_processes: bool = True  # small downloads convert in worker processes (Linux)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
 

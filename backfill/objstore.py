@@ -58,11 +58,14 @@ class ObjectStore:
         on_bad_rows: Literal["fail", "quarantine"] = "fail",
         stop: threading.Event | None = None,
         fs: Any = None,
+        processes: int = 0,
     ) -> None:
         self.bucket = objfs.Bucket.parse(root)
         self.endpoint_url, self.region = endpoint_url, region
         self.fs = fs or objfs.filesystem(self.bucket, endpoint_url=endpoint_url, region=region)
-        self.local = LocalStore(staging, limits=limits, on_bad_rows=on_bad_rows, stop=stop)
+        self.local = LocalStore(
+            staging, limits=limits, on_bad_rows=on_bad_rows, stop=stop, processes=processes
+        )
 
     @property
     def root(self) -> str:
@@ -299,8 +302,11 @@ def open_store(
     """The output store ``settings`` names: a ``LocalStore`` on a folder, an ``ObjectStore`` on
     an ``s3://``/``gs://`` root (staging in ``settings.staging_path``)."""
     out = settings.output
+    # Small downloads convert in up to conversions_at_once worker processes (``convertpool``).
+    a = settings.api
+    processes = a.conversions_at_once if a.conversion_processes else 0
     if isinstance(out.root, Path):
-        return LocalStore(out.root, on_bad_rows=out.on_bad_rows, stop=stop)
+        return LocalStore(out.root, on_bad_rows=out.on_bad_rows, stop=stop, processes=processes)
     return ObjectStore(
         out.root,
         staging=settings.staging_path,
@@ -308,6 +314,7 @@ def open_store(
         region=out.region,
         on_bad_rows=out.on_bad_rows,
         stop=stop,
+        processes=processes,
     )
 
 

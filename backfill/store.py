@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backfill import crashpoints, staging
+from backfill import convertpool, crashpoints, decode, staging
 from backfill.errors import IntegrityError
 from backfill.layout import (
     Layout,
@@ -83,9 +83,12 @@ class LocalStore:
         limits: Limits | None = None,
         on_bad_rows: Literal["fail", "quarantine"] = "fail",
         stop: threading.Event | None = None,
+        processes: int = 0,
     ) -> None:
         self.root = root
         self.stop = stop  # set: a conversion under way gives up soon (``Stopped``)
+        # Small downloads convert in up to this many worker processes (``convertpool``); 0: none.
+        self.processes = processes if convertpool.available() else 0
         self.limits = limits or Limits()
         self.on_bad_rows = on_bad_rows
         self.layout = Layout(root=root)
@@ -113,18 +116,14 @@ class LocalStore:
         Raises ``BadDataError`` for a corrupt, hostile or schema-breaking download; nothing
         outside ``_staging/`` is touched, and a failed stage leaves no staged files.
         """
-        return staging.stage(
-            self.layout,
-            self.limits,
-            self.on_bad_rows,
-            app=app,
-            window_id=window_id,
-            attempt=attempt,
-            start_ms=start_ms,
-            end_ms=end_ms,
-            source=source,
-            stop=self.stop,
-        )
+        args = (self.layout, self.limits, self.on_bad_rows)
+        if self.processes and decode.small(source, self.limits):  # see ``convertpool``
+            return convertpool.stage(*args, size=self.processes, stop=self.stop, app=app,
+                                     window_id=window_id, attempt=attempt, start_ms=start_ms,
+                                     end_ms=end_ms, source=source)  # fmt: skip
+        return staging.stage(*args, app=app, window_id=window_id, attempt=attempt,
+                             start_ms=start_ms, end_ms=end_ms, source=source,
+                             stop=self.stop)  # fmt: skip
 
     def publish(self, manifest: Manifest) -> Path:
         """Write the manifest, then move the staged files into ``events/``; returns its path."""

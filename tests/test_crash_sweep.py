@@ -5,7 +5,9 @@ Flurry accepted it but before the ledger knows), each status poll, each download
 decoded block, each Parquet file written and fsynced, the manifest, each publish rename, each
 ledger move and split.  A clean run first counts them; then for every k a fresh run is killed at
 step k and run again to the end, and its output must equal the ground truth, verify must pass,
-and no file may be left over.  Slow (a minute or two): ``make test-crash``, which CI runs too.
+and no file may be left over.  Small downloads convert in a worker process (``convertpool``),
+whose steps are hit in the run when it returns; the backfill's sweep runs again with them on
+the run's threads.  Slow (minutes): ``make test-crash``, which CI runs too.
 """
 
 from __future__ import annotations
@@ -55,15 +57,23 @@ async def _backfill(work: Path, *args: str, env: dict[str, str] | None = None) -
     return done.returncode
 
 
+# Small downloads convert in a worker process by default; the backfill's sweep runs again with
+# them on the run's threads, on SQLite (the ledger plays no part in where a conversion runs).
+_WHERE = ["processes"] if os.environ.get("BACKFILL_TEST_LEDGER") == "postgres" else [
+    "processes", "threads"]  # fmt: skip
+
+
 @pytest.mark.crash
 @pytest.mark.timeout(1800)
-async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", _WHERE)
+async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path, where: str) -> None:
+    serial = SERIAL + ("\nconversion_processes = false" if where == "threads" else "")
     sim = sim_settings(apps=APPS)
     now = int(time.time() * 1000)
     async with simulator_process(sim, tmp_path) as (base, _):
         counting = tmp_path / "count"
         counting.mkdir()
-        write_config(counting, base, history_days=4, extra_api=SERIAL, apps=APPS, lookback_days=0)
+        write_config(counting, base, history_days=4, extra_api=serial, apps=APPS, lookback_days=0)
         counts_file = counting / "counts.json"
         assert (
             await _backfill(
@@ -81,7 +91,7 @@ async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path) -> Non
                 work = tmp_path / f"k{k}"
                 work.mkdir()
                 write_config(
-                    work, base, history_days=4, extra_api=SERIAL, apps=APPS, lookback_days=0
+                    work, base, history_days=4, extra_api=serial, apps=APPS, lookback_days=0
                 )
                 killed = await _backfill(
                     work, "run", "--quiet", env=ENV | {"BACKFILL_CRASH_AT": str(k)}
