@@ -195,12 +195,7 @@ def parse(document: Mapping[str, Any], *, source: str = "<config>") -> Settings:
     )
 
 
-_COUNTS = (
-    "max_in_flight",
-    "calls_per_minute",
-    "downloads_at_once",
-    "conversions_at_once",
-)
+_COUNTS = ("max_in_flight", "calls_per_minute", "downloads_at_once", "conversions_at_once")
 _DURATIONS = ("connect_timeout_s", "read_timeout_s")
 _POLICY_DURATIONS = ("poll_initial_s", "poll_min_s", "poll_max_s", "request_timeout_s")
 

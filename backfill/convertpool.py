@@ -13,18 +13,27 @@ made at the first small download; its processes start as they are needed, up to 
 - Each process dies with the run: a thread of it waits on a pidfd of the run and SIGKILLs its
   own process once the run has ended, however it ended, so a killed run leaves no conversion
   behind to write into a staging folder that the next run owns.  (The processes themselves keep
-  the fork server and each other's queues open: without this they would outlive the run.)
+  the fork server and each other's queues open: without this they would outlive the run.)  The
+  run's start time is checked beside its pid, so a pid used again is never mistaken for it.
   Where there are no pidfds (not Linux 5.3 or later), ``available()`` is False and small
   downloads convert on the caller's thread.
-- A process ignores SIGINT and SIGTERM: the run decides how to stop.  A small conversion ends
-  within a fraction of a second, so a stop waits for it rather than interrupting it.
+- A process is its own process group and ignores SIGINT: a Ctrl-C at the terminal reaches the
+  run alone, which decides how to stop.  A small download's conversion is short (its input is
+  bounded: at most an eighth of a block compressed, and what that may inflate to), so a stop
+  waits for it; one asked for after the stop converts on the caller's thread, which gives up at
+  once.
 - The crash points a conversion passes (``decode.block``, ``writer.stage``) are counted in the
   process and hit again here when it returns, so a crash test still dies at the k-th one (after
   the conversion rather than inside it: the window is DOWNLOADED with a staging folder either
   way).
-- An error the conversion raises (``BadDataError``, ``OSError``) is raised here as itself.  A
-  process that dies (killed, out of memory) breaks the pool: it is thrown away, the next
-  conversion makes a new one, and this conversion runs on the caller's thread instead.
+- An error the conversion raises (``BadDataError``, ``OSError``) is raised here as itself; a
+  surprise carries the process's traceback as a note.  A process that dies (killed, out of
+  memory) breaks the pool: its other processes are ended and waited for, the next conversion
+  makes a new pool, and the conversions it held run on their callers' threads.  If processes
+  cannot start at all (a process limit, a sandbox), one warning says why and every conversion
+  of this process runs on threads.
+- The pool lives as long as the process that made it (a command: until it exits); a program
+  that runs the engine through the Python API and wants its memory back calls ``shutdown``.
 """
 
 from __future__ import annotations
@@ -36,11 +45,14 @@ import select
 import signal
 import sys
 import threading
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from backfill import crashpoints, staging
+from backfill import crashpoints, logs, staging
+from backfill.errors import BackfillError
 
 if TYPE_CHECKING:
     from backfill.layout import Layout
@@ -50,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = ["available", "shutdown", "stage"]
 
 _pool: ProcessPoolExecutor | None = None
+_refused: str | None = None  # why processes could not start here: threads from then on
 _lock = threading.Lock()
 
 
@@ -65,24 +78,35 @@ def available() -> bool:
     return True
 
 
-def _pool_of(size: int) -> ProcessPoolExecutor:
+def _born(pid: int) -> int:
+    """When process ``pid`` started (clock ticks after boot): a pid and this name one process."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _pool_of(size: int) -> ProcessPoolExecutor | None:
+    """The process's pool, made on first use; None once processes could not start here."""
     global _pool
     with _lock:
-        if _pool is None:
+        if _pool is None and _refused is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["backfill.staging"])
+            run = os.getpid()
             _pool = ProcessPoolExecutor(
-                max(1, size), mp_context=context, initializer=_started, initargs=(os.getpid(),)
+                max(1, size), mp_context=context, initializer=_started, initargs=(run, _born(run))
             )
+            logs.get("store").info("run.processes.start", at_most=max(1, size))
         return _pool
 
 
-def _started(run: int) -> None:
-    """In each new process: die with the run (``run``, its pid); leave stopping to the run."""
+def _started(run: int, born: int) -> None:
+    """In each new process: die with the run (pid ``run``, started at ``born``), and be out of
+    reach of the terminal's signals (its own process group); the run decides how to stop."""
+    os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         watched = os.pidfd_open(run)
+        if _born(run) != born:  # that pid is another process's now: the run has ended
+            os._exit(1)
     except OSError:  # the run has ended already
         os._exit(1)
     threading.Thread(target=_die_with, args=(watched,), name="die-with-run", daemon=True).start()
@@ -104,6 +128,8 @@ def _run(
     try:
         result: Manifest | BaseException = staging.stage(layout, limits, on_bad_rows, **kwargs)
     except Exception as exc:  # raised again in the run, as itself
+        if not isinstance(exc, BackfillError):  # a surprise: keep where it came from
+            exc.add_note(traceback.format_exc())
         result = exc
     return result, crashpoints.counts()
 
@@ -118,15 +144,16 @@ def stage(
     **kwargs: Any,  # staging.stage's window and source
 ) -> Manifest:
     """``staging.stage`` in a worker process (``size``: the most at once); see the module."""
-    global _pool
     pool = _pool_of(size)
+    if pool is None or (stop is not None and stop.is_set()):  # here it gives up at once
+        return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
     try:
         result, hits = pool.submit(_run, layout, limits, on_bad_rows, kwargs).result()
-    except BrokenProcessPool:
-        with _lock:
-            if _pool is pool:
-                _pool = None
-        pool.shutdown(wait=False, cancel_futures=True)
+    except BrokenProcessPool:  # a process died: the others were ended with it
+        _discard(pool, None)
+        return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
+    except Exception as exc:  # no process could start (a process limit, no /dev/shm, seccomp)
+        _discard(pool, f"{type(exc).__name__}: {exc}")
         return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
     for name, times in hits.items():
         for _ in range(times):
@@ -134,6 +161,20 @@ def stage(
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+def _discard(pool: ProcessPoolExecutor, refused: str | None) -> None:
+    """Forget ``pool`` (the next conversion makes another, unless ``refused`` says why not)
+    and wait until its processes have ended: none may write on into a staging folder that
+    the caller is about to fill."""
+    global _pool, _refused
+    with _lock:
+        if _pool is pool:
+            _pool = None
+        if refused is not None and _refused is None:
+            _refused = refused
+            logs.get("store").warning("run.processes.refused", reason=refused)
+    pool.shutdown(wait=True, cancel_futures=True)  # a broken pool's processes are killed, joined
 
 
 def shutdown() -> None:

@@ -17,6 +17,7 @@ refuses, naming it, before it deletes anything.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -42,7 +43,7 @@ from backfill.schema import Limits
 
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 __all__ = ["LocalStore"]
 
@@ -116,14 +117,12 @@ class LocalStore:
         Raises ``BadDataError`` for a corrupt, hostile or schema-breaking download; nothing
         outside ``_staging/`` is touched, and a failed stage leaves no staged files.
         """
-        args = (self.layout, self.limits, self.on_bad_rows)
+        convert: Callable[..., Manifest] = staging.stage
         if self.processes and decode.small(source, self.limits):  # see ``convertpool``
-            return convertpool.stage(*args, size=self.processes, stop=self.stop, app=app,
-                                     window_id=window_id, attempt=attempt, start_ms=start_ms,
-                                     end_ms=end_ms, source=source)  # fmt: skip
-        return staging.stage(*args, app=app, window_id=window_id, attempt=attempt,
-                             start_ms=start_ms, end_ms=end_ms, source=source,
-                             stop=self.stop)  # fmt: skip
+            convert = functools.partial(convertpool.stage, size=self.processes)
+        return convert(self.layout, self.limits, self.on_bad_rows, app=app, window_id=window_id,
+                       attempt=attempt, start_ms=start_ms, end_ms=end_ms, source=source,
+                       stop=self.stop)  # fmt: skip
 
     def publish(self, manifest: Manifest) -> Path:
         """Write the manifest, then move the staged files into ``events/``; returns its path."""

@@ -8,16 +8,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+import structlog
 
-from backfill import config, convertpool, crashpoints
+from backfill import config, convertpool, crashpoints, decode
 from backfill.errors import BadDataError, ConfigError
 from backfill.objstore import open_store
+from backfill.schema import Limits, Stopped
 from backfill.simulator import ground_truth
 from backfill.simulator.data import encode_csv, encode_json
 from backfill.store import LocalStore
@@ -64,6 +67,7 @@ def test_a_process_stages_the_same_files_as_the_callers_thread(tmp_path: Path, f
     crashpoints.arm(None)
     there = _stage(tmp_path / "process", source, processes=2)
     hits_there = crashpoints.counts()
+    assert decode.small(source, Limits()) and _pool_pids()  # it went to a process
     crashpoints.arm(None)
     here = _stage(tmp_path / "thread", source, processes=0)
     hits_here = crashpoints.counts()
@@ -111,7 +115,6 @@ def test_a_dead_process_costs_the_conversion_nothing_and_the_pool_is_made_again(
     doomed = _pool_pids()
     for pid in doomed:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)  # the executor notices its dead process and calls itself broken
     second = _stage(tmp_path / "b", source, processes=2)  # on the caller's thread, this once
     third = _stage(tmp_path / "c", source, processes=2)  # a new pool
     assert first.files == second.files == third.files
@@ -130,6 +133,37 @@ def _parents() -> dict[int, int]:
 
 def _children(pid: int) -> set[int]:
     return {child for child, parent in _parents().items() if parent == pid}
+
+
+def test_a_conversion_asked_for_after_the_stop_gives_up_at_once(tmp_path: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Stopped):
+        _stage(tmp_path / "out", _source(tmp_path, "json"), processes=2, stop=stop)
+
+
+class _NoProcesses(ProcessPoolExecutor):
+    """A pool whose processes cannot start, as under a process limit."""
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(11, "Resource temporarily unavailable")
+
+
+def test_when_no_process_can_start_every_conversion_runs_on_threads_after_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(convertpool, "ProcessPoolExecutor", _NoProcesses)
+    monkeypatch.setattr(convertpool, "_pool", None)
+    monkeypatch.setattr(convertpool, "_refused", None)
+    source = _source(tmp_path, "json")
+    here = _stage(tmp_path / "thread", source, processes=0)
+    with structlog.testing.capture_logs() as logged:
+        first = _stage(tmp_path / "a", source, processes=2)
+        second = _stage(tmp_path / "b", source, processes=2)
+    assert first.files == second.files == here.files
+    assert convertpool._pool is None  # and no second pool was tried
+    refused = [e for e in logged if e["event"] == "run.processes.refused"]
+    assert len(refused) == 1 and "Resource temporarily unavailable" in refused[0]["reason"]
 
 
 def _descendants(pid: int) -> set[int]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
+from backfill import config
 from tests.enginekit import (
     APPS,
     ROOT,
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from anyio.abc import Process
 
 HISTORY_DAYS = 90
-MAX_IN_FLIGHT = 4  # write_config's max_in_flight
 
 
 def _calls(log: Path) -> int:
@@ -59,8 +59,16 @@ async def test_ten_kills_then_a_clean_run_lands_exactly_the_truth_without_resubm
     starts: list[int] = []  # where each run's calls begin in the simulator's log
     began = int(time.time() * 1000)  # the runs plan by their clock's day: from here on
     async with simulator_process(sim, tmp_path) as (base, calls_path):
-        config = write_config(tmp_path, base, history_days=HISTORY_DAYS)
-        command = [sys.executable, "-m", "backfill.cli", "run", "--config", str(config), "--quiet"]
+        config_path = write_config(tmp_path, base, history_days=HISTORY_DAYS)
+        command = [
+            sys.executable,
+            "-m",
+            "backfill.cli",
+            "run",
+            "--config",
+            str(config_path),
+            "--quiet",
+        ]
         for _ in range(10):
             seen = _calls(calls_path)
             starts.append(seen)
@@ -75,7 +83,7 @@ async def test_ten_kills_then_a_clean_run_lands_exactly_the_truth_without_resubm
         starts.append(_calls(calls_path))
         done = await anyio.run_process(command, cwd=ROOT, env=env, check=False)
         assert done.returncode == 0, done.stderr.decode()
-        verified = await anyio.run_process([sys.executable, "-m", "backfill.cli", "verify", "--config", str(config)],
+        verified = await anyio.run_process([sys.executable, "-m", "backfill.cli", "verify", "--config", str(config_path)],
                                            cwd=ROOT, env=env, check=False)  # fmt: skip
         assert verified.returncode == 0, verified.stdout.decode()
     assert kills >= 8, "the runs must really be killed mid-way"
@@ -103,7 +111,7 @@ async def test_ten_kills_then_a_clean_run_lands_exactly_the_truth_without_resubm
                 pending.discard(call["request_id"])
     assert resubmitted_while_processing == []
     # A kill can lose only the requests whose POST was answered but whose id had not reached
-    # the ledger: never polled by any run, at most max_in_flight (4) at once, none in the last run.
+    # the ledger: never polled by any run, at most max_in_flight at once, none in the last run.
     run_of = [max(i for i, start in enumerate(starts) if start <= at) for at in range(len(calls))]
     polled = {c["request_id"] for c in calls if c["kind"] == "status"}
     lost_by_run = [0] * len(starts)
@@ -111,7 +119,7 @@ async def test_ten_kills_then_a_clean_run_lands_exactly_the_truth_without_resubm
         if call["kind"] == "submit" and call["status"] == 200 and call["request_id"] not in polled:
             lost_by_run[run_of[at]] += 1
     assert lost_by_run[-1] == 0, lost_by_run
-    assert max(lost_by_run) <= MAX_IN_FLIGHT, lost_by_run
+    assert max(lost_by_run) <= config.load(config_path).api.max_in_flight, lost_by_run
     # Any other new request for a window follows a kill that lost the landing of its last one
     # (a kill in DOWNLOADED or STAGED): never in the run that last touched that request.
     last_run: dict[str, int] = {}
