@@ -4,7 +4,7 @@ Theory of operation.  A small download (``decode.small``: a window of a few thou
 converts on one thread, start to finish.  Two such conversions on two threads of one process
 share its GIL: measured on 100 windows of 4 k rows, two threads ran 1.66 times as fast as one,
 on 10 % more CPU.  The same conversions in two processes ran 1.95 times as fast, and 500 small
-windows landed in 1.4 times the time of their rows as one file instead of 1.7 times.
+windows landed in about 1.5 times the time of their rows as one file instead of 1.7 times.
 
 ``stage`` runs ``staging.stage`` in a process of a ``ProcessPoolExecutor`` (one per process,
 made at the first small download; its processes start as they are needed, up to ``size``):
