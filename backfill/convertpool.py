@@ -145,22 +145,21 @@ def stage(
 ) -> Manifest:
     """``staging.stage`` in a worker process (``size``: the most at once); see the module."""
     pool = _pool_of(size)
-    if pool is None or (stop is not None and stop.is_set()):  # here it gives up at once
-        return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
-    try:
-        result, hits = pool.submit(_run, layout, limits, on_bad_rows, kwargs).result()
-    except BrokenProcessPool:  # a process died: the others were ended with it
-        _discard(pool, None)
-        return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
-    except Exception as exc:  # no process could start (a process limit, no /dev/shm, seccomp)
-        _discard(pool, f"{type(exc).__name__}: {exc}")
-        return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
-    for name, times in hits.items():
-        for _ in range(times):
-            crashpoints.hit(name)
-    if isinstance(result, BaseException):
-        raise result
-    return result
+    if pool is not None and not (stop is not None and stop.is_set()):  # else: gives up at once
+        try:
+            result, hits = pool.submit(_run, layout, limits, on_bad_rows, kwargs).result()
+        except BrokenProcessPool:  # a process died: the others were ended with it
+            _discard(pool, None)
+        except Exception as exc:  # no process could start (a process limit, no /dev/shm, seccomp)
+            _discard(pool, f"{type(exc).__name__}: {exc}")
+        else:
+            for name, times in hits.items():
+                for _ in range(times):
+                    crashpoints.hit(name)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+    return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
 
 
 def _discard(pool: ProcessPoolExecutor, refused: str | None) -> None:
@@ -179,8 +178,6 @@ def _discard(pool: ProcessPoolExecutor, refused: str | None) -> None:
 
 def shutdown() -> None:
     """End the worker processes (they end with the run anyway)."""
-    global _pool
-    with _lock:
-        pool, _pool = _pool, None
+    pool = _pool
     if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _discard(pool, None)
