@@ -5,14 +5,14 @@ string values, written compactly (``{"k":"v","k2":"v2"}``; DuckDB's JSON text al
 ``decode()`` finds every string's quotes in the column's bytes at once (a quote ends a string
 unless an odd run of backslashes comes before it), checks each row's shape from the quote
 positions alone (``{``, then ``"key":"value"`` pairs joined by ``,``, then ``}``), and cuts the
-keys and values out of the bytes with one Arrow ``take`` each.  The few strings with escapes
-(``\\"``, ``\\\\``, ``\\t``…) are unescaped by Arrow's JSON reader; a key twice in a row is
-found by sorting (row, key) pairs.  Rows off that path (a value that is not a string, null or
-a number; space between tokens; a ``\\u`` escape; a raw control byte; a key twice; anything
-not JSON) go, all together, to the caller's general decoder (``slow``), whose verdict on them
-stands: the fast path never decides that a row is bad, it only takes the rows it decodes
-exactly as the general decoder would.  About twenty times cheaper than DuckDB's
-``json_transform`` to a MAP on the simulator's rows.
+keys and values out of the bytes with one Arrow ``take`` each.  The strings with escapes
+(``\\"``, ``\\\\``, ``\\t``…) are gathered, undone and put after the bytes, where the takes
+find them; a key twice in a row is found by sorting (row, key) pairs.  Rows off that path (a
+value that is not a string, null or a number; space between tokens; a ``\\u`` escape; a raw
+control byte; a key twice; anything not JSON) go, all together, to the caller's general
+decoder (``slow``), whose verdict on them stands: the fast path never decides that a row is
+bad, it only takes the rows it decodes exactly as the general decoder would.  About twenty
+times cheaper than DuckDB's ``json_transform`` to a MAP on the simulator's rows.
 """
 
 from __future__ import annotations
@@ -131,79 +131,116 @@ def _fast(text: pa.Array) -> tuple[Bools, pa.Array]:
     n = len(b.starts)
     quotes, odd = _quotes(b)
     counts = np.diff(np.searchsorted(quotes, np.append(b.starts, len(b.data))))
-    rows = np.repeat(np.arange(n), counts)
     ok = b.valid & ~odd & (counts % 4 == 0) & ((b.ends - b.starts) >= 2)
-    ok &= ~b.flag(np.flatnonzero(b.data < 0x20))
+    if len(b.data) and int(b.data.min()) < 0x20:  # a raw control byte: rare, looked for if seen
+        ok &= ~b.flag(np.flatnonzero(b.data < 0x20))
     if len(b.data):
         last = np.minimum(b.ends - 1, len(b.data) - 1)
         ok &= (b.data[np.minimum(b.starts, len(b.data) - 1)] == _OPEN) & (b.data[last] == _CLOSE)
     ok &= (counts > 0) | (b.ends - b.starts == 2)  # no quotes: only ``{}``
-    if not ok.all():
-        keep = ok[rows]
-        quotes, rows = quotes[keep], rows[keep]
-    q = quotes.reshape(-1, 4)  # each row's quotes, four to an entry
-    entry_row = rows[::4]
-    misfits = ~_entries_fit(b, q, entry_row)
-    if misfits.any():
-        ok[entry_row[misfits]] = False
-        take = ok[entry_row]
-        q, entry_row = q[take], entry_row[take]
-    keys, values = _cut(b, q)
-    dup = _twice(keys, entry_row)
-    if len(dup):
-        ok[dup] = False
-        again = ok[entry_row]
-        keys, values, entry_row = keys.filter(again), values.filter(again), entry_row[again]
+    quotes, counts = _only(ok, quotes, counts)
+    misfits = _misfits(b, quotes.reshape(-1, 4), counts // 4)
+    if len(misfits):
+        ok[misfits] = False
+        quotes, counts = _only(ok, quotes, counts)
+    entries = counts // 4
+    keys, values = _cut(b, quotes.reshape(-1, 4))
+    if len(keys) > 1 and entries.max() > 1:  # a key twice needs a row of two entries
+        dup = _twice(keys, np.repeat(np.arange(n), entries))
+        if len(dup):
+            ok[dup] = False
+            again = np.repeat(ok, entries)
+            keys, values, entries = keys.filter(again), values.filter(again), entries * ok
     offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(np.bincount(entry_row, minlength=n), out=offsets[1:])
+    np.cumsum(entries, out=offsets[1:])
     mask = pa.array(~b.valid) if not b.valid.all() else None
     maps = pa.MapArray.from_arrays(pa.array(offsets), keys, values, type=MAP, mask=mask)
     return ok | ~b.valid, maps
 
 
-def _entries_fit(b: _Bytes, q: Ints, entry_row: Ints) -> Bools:
-    """For each entry (its four quotes), whether it is ``"key":"value"`` in its place: right
-    after the row's ``{`` or the entry before and a ``,``; the last one right before ``}``."""
+def _only(ok: Bools, quotes: Ints, counts: Ints) -> tuple[Ints, Ints]:
+    """The quotes of the rows still ``ok``, and each row's count of them (0 for the others)."""
+    if ok.all():
+        return quotes, counts
+    return quotes[np.repeat(ok, counts)], counts * ok
+
+
+def _misfits(b: _Bytes, q: Ints, entries: Ints) -> Ints:
+    """The rows with an entry (its four quotes in ``q``) that is not ``"key":"value"`` in its
+    place: the first right after the row's ``{``, each next one after the one before and a
+    ``,``, the last one right before the ``}``."""
     if not len(q):
-        return np.ones(0, dtype=bool)
-    fits: Bools = (q[:, 2] == q[:, 1] + 2) & (b.data[q[:, 1] + 1] == _COLON)
-    first = np.ones(len(q), dtype=bool)
-    first[1:] = entry_row[1:] != entry_row[:-1]
-    last = np.ones(len(q), dtype=bool)
-    last[:-1] = first[1:]
-    fits &= np.where(first, q[:, 0] == b.starts[entry_row] + 1, True)
-    after = np.concatenate(([0], q[:-1, 3]))  # the previous entry's closing quote
-    fits &= np.where(first, True, (q[:, 0] == after + 2) & (b.data[after + 1] == _COMMA))
-    fits &= np.where(last, q[:, 3] == b.ends[entry_row] - 2, True)
-    return fits
+        return np.zeros(0, dtype=np.int64)
+    fits: Bools = (q[:, 2] - q[:, 1] == 2) & (b.data[q[:, 1] + 1] == _COLON)
+    # Each entry's link to the next one; the last entry of a row is checked against its end.
+    linked = np.empty(len(q), dtype=bool)
+    linked[:-1] = (q[1:, 0] - q[:-1, 3] == 2) & (b.data[q[:-1, 3] + 1] == _COMMA)
+    rows = np.flatnonzero(entries)
+    ends = np.cumsum(entries[rows])  # one past each such row's last entry
+    linked[ends - 1] = q[ends - 1, 3] == b.ends[rows] - 2
+    fits &= linked
+    bad = np.zeros(len(rows), dtype=bool)
+    bad[np.searchsorted(ends, np.flatnonzero(~fits), side="right")] = True
+    bad |= q[ends - entries[rows], 0] != b.starts[rows] + 1
+    misfits: Ints = rows[bad]
+    return misfits
 
 
 def _cut(b: _Bytes, q: Ints) -> tuple[pa.Array, pa.Array]:
     """The keys and the values between the quotes ``q``, their escapes undone."""
     if not len(q):
         return pa.array([], pa.string()), pa.array([], pa.string())
-    bounds = (q + _INSIDE).ravel()
-    data, buffer = b.data, b.buffer
-    if len(b.escapes):  # one copy of the bytes without the escaping backslashes
-        kept = np.ones(len(data), dtype=bool)
-        kept[b.escapes] = False
-        data = data[kept]
-        landed = b.escapes - np.arange(len(b.escapes))  # where each escaped byte is now
-        data[landed] = _UNESCAPED[data[landed]]
-        # Each bound moves left by the escapes before it.
-        after = np.searchsorted(bounds, b.escapes, side="right")
-        runs = np.diff(np.concatenate(([0], after, [len(bounds)])))
-        bounds = bounds - np.repeat(np.arange(len(after) + 1), runs)
-        buffer = pa.py_buffer(data)
-    else:
-        bounds = bounds + b.base
-    wide = int(bounds[-1]) >= 2**31 - 1
+    # Each entry is four pieces of the bytes: its key, ``":"``, its value, ``","`` and on.
+    keys_at = np.arange(0, 4 * len(q), 4, dtype=np.int32)
+    values_at = keys_at + 2
+    data: pa.Buffer | np.ndarray[Any, Any] = b.buffer
+    base, size, moved = b.base, b.base + len(b.data), np.zeros(0, dtype=np.int64)
+    if len(b.escapes):  # the strings with an escape: undone apart, put after the bytes
+        bounds = (q + _INSIDE).ravel()
+        piece = np.searchsorted(bounds, b.escapes, side="right") - 1
+        piece = np.unique(piece[(piece >= 0) & (piece < len(bounds) - 1) & (piece % 2 == 0)])
+        if len(piece):
+            plain, moved = _unescaped(b.data, bounds[piece], bounds[piece + 1])
+            data, base, size = np.concatenate((b.data, plain)), 0, len(b.data) + len(plain)
+            at = len(bounds) + np.arange(len(piece))  # after a piece for the gap
+            keys_at[piece[piece % 4 == 0] // 4] = at[piece % 4 == 0]
+            values_at[piece[piece % 4 == 2] // 4] = at[piece % 4 == 2]
+    wide = size >= 2**31 - 1
+    offsets = np.empty(4 * len(q) + len(moved) + bool(len(moved)), np.int64 if wide else np.int32)
+    np.add(q, _INSIDE + base, out=offsets[: 4 * len(q)].reshape(-1, 4), casting="unsafe")
+    if len(moved):
+        offsets[4 * len(q)] = len(b.data)
+        offsets[4 * len(q) + 1 :] = len(b.data) + moved
     kind = pa.large_string() if wide else pa.string()
-    offsets = pa.py_buffer(bounds.astype(np.int64 if wide else np.int32))
-    pieces = pa.Array.from_buffers(kind, len(bounds) - 1, [None, offsets, buffer])
-    every = pa.array(np.arange(0, 4 * len(q), 4))
-    keys, values = pieces.take(every), pieces.take(pc.add(every, 2))
+    pieces = pa.Array.from_buffers(
+        kind, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+    keys, values = pieces.take(pa.array(keys_at)), pieces.take(pa.array(values_at))
     return (keys.cast(pa.string()), values.cast(pa.string())) if wide else (keys, values)
+
+
+def _unescaped(data: np.ndarray[Any, Any], starts: Ints, ends: Ints) -> tuple[Any, Ints]:
+    """The strings ``data[starts[i]:ends[i]]``, one after another, their escapes undone; and
+    where each of them ends now.
+
+    In a run of backslashes the first, third, ... escape the byte after them.  A string's
+    last run is even (an odd one would escape its closing quote), so a run that goes on into
+    the next string is still counted right from where it begins.
+    """
+    lengths = ends - starts
+    total = np.cumsum(lengths)
+    text = data[np.repeat(ends - total, lengths) + np.arange(int(total[-1]))]
+    slashes = np.flatnonzero(text == _BACKSLASH)
+    begins = np.concatenate(([True], np.diff(slashes) != 1))
+    run_start = slashes[begins][np.cumsum(begins) - 1]
+    escapes = slashes[(slashes - run_start) % 2 == 0]
+    kept = np.ones(len(text), dtype=bool)
+    kept[escapes] = False
+    text = text[kept]
+    landed = escapes - np.arange(len(escapes))  # where each escaped byte is now
+    text[landed] = _UNESCAPED[text[landed]]
+    now: Ints = total - np.searchsorted(escapes, total)
+    return text, now
 
 
 def _twice(keys: pa.Array, entry_row: Ints) -> Ints:

@@ -125,3 +125,26 @@ def test_sliced_chunked_and_large_inputs() -> None:
     assert (
         mapjson.decode(pa.array([], pa.string()), lambda t: pytest.fail("slow")).to_pylist() == []
     )
+
+
+def test_escapes_undone_apart_next_to_plain_strings_and_slow_rows() -> None:
+    """Strings with escapes sit among plain ones, end in an escaped backslash right before a
+    string that begins with one, or only in rows the fast path leaves to ``slow``."""
+    rows = [
+        '{"a\\\\":"\\\\b","c":"d"}',  # a key ending in \\, a value beginning with \\
+        '{"p":"q"}',
+        '{"x":1,"y":"\\t"}',  # not all strings: slow, its escape must not disturb the others
+        '{"e":"f\\"g\\\\","h\\n":"i"}',
+        '{"j":"k"}',
+    ]
+    db = duckdb.connect()
+    slowed: list[str] = []
+
+    def slow(text: pa.Array) -> pa.Array:
+        slowed.extend(text.to_pylist())
+        return _duckdb(db, text)
+
+    got = mapjson.decode(pa.array(rows, pa.string()), slow)
+    assert got.to_pylist() == _duckdb(db, pa.array(rows, pa.string())).to_pylist()
+    assert got.to_pylist()[0] == [("a\\", "\\b"), ("c", "d")]
+    assert slowed == [rows[2]]
