@@ -7,7 +7,7 @@ on 10 % more CPU.  The same conversions in two processes ran 1.95 times as fast,
 windows landed in about 1.5 times the time of their rows as one file instead of 1.7 times.
 
 ``stage`` runs ``staging.stage`` in a process of a ``ProcessPoolExecutor`` (one per process,
-made at the first small download; its processes start as they are needed, up to ``size``):
+made at the first small download, its ``size`` processes all started then):
 
 - The processes come from a fork server, never from a fork of the run (which has threads).
 - Each process dies with the run: a thread of it waits on a pidfd of the run and SIGKILLs its
@@ -64,6 +64,7 @@ __all__ = ["available", "shutdown", "stage"]
 _pool: ProcessPoolExecutor | None = None
 _refused: str | None = None  # why processes could not start here: threads from then on
 _lock = threading.Lock()
+_ending = threading.Lock()  # one thread at a time ends a pool: closing its queues twice raises
 
 
 @functools.cache
@@ -94,6 +95,10 @@ def _pool_of(size: int) -> ProcessPoolExecutor | None:
             _pool = ProcessPoolExecutor(
                 max(1, size), mp_context=context, initializer=_started, initargs=(run, _born(run))
             )
+            # All its processes start at the first submit, none later: CPython 3.11's pool,
+            # ending itself when a process dies, misses (and then joins forever) a process that
+            # a submit is starting meanwhile, or fails on its dict of processes changing.
+            _pool._safe_to_dynamically_spawn_children = False  # type: ignore[attr-defined]
             logs.get("store").info("run.processes.start", at_most=max(1, size))
         return _pool
 
@@ -151,7 +156,9 @@ def stage(
         except BrokenProcessPool:  # a process died: the others were ended with it
             _discard(pool, None)
         except Exception as exc:  # no process could start (a process limit, no /dev/shm, seccomp)
-            _discard(pool, f"{type(exc).__name__}: {exc}")
+            with _lock:  # ... unless a process died and the pool is broken, closing its pipes
+                broken = _pool is not pool or bool(getattr(pool, "_broken", False))
+            _discard(pool, None if broken else f"{type(exc).__name__}: {exc}")
         else:
             for name, times in hits.items():
                 for _ in range(times):
@@ -173,7 +180,8 @@ def _discard(pool: ProcessPoolExecutor, refused: str | None) -> None:
         if refused is not None and _refused is None:
             _refused = refused
             logs.get("store").warning("run.processes.refused", reason=refused)
-    pool.shutdown(wait=True, cancel_futures=True)  # a broken pool's processes are killed, joined
+    with _ending:  # one at a time: closing a pool's queues twice raises
+        pool.shutdown(wait=True, cancel_futures=True)  # a broken pool's processes are killed
 
 
 def shutdown() -> None:

@@ -3,6 +3,7 @@ as on the caller's thread; a dead process costs nothing; a killed run leaves non
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import signal
@@ -28,6 +29,8 @@ from tests.enginekit import ROOT, sim_settings, simulator_process, write_config
 from tests.simkit import SMALL, TOKEN, settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from backfill.manifest import Manifest
 
 pytestmark = pytest.mark.skipif(not convertpool.available(), reason="worker processes: Linux")
@@ -119,6 +122,50 @@ def test_a_dead_process_costs_the_conversion_nothing_and_the_pool_is_made_again(
     third = _stage(tmp_path / "c", source, processes=2)  # a new pool
     assert first.files == second.files == third.files
     assert _pool_pids().isdisjoint(doomed)
+
+
+def _stage_into(folder: Path, source: Path, i: int) -> Manifest:
+    return _stage(folder / str(i), source, processes=4)
+
+
+def _at_once(convert: Callable[[int], Any], count: int) -> list[Any]:
+    """``convert(i)`` for each i on threads of their own, let go together; what each returned
+    or raised."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = convert(i)
+        except BaseException as exc:  # asserted by the caller
+            results[i] = exc
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def test_conversions_that_find_the_pool_broken_at_once_all_land_on_their_threads(
+    tmp_path: Path,
+) -> None:
+    """Several conversions asked for as a process dies each see the broken pool, and each ends
+    it: none may fail (closing its queues twice was a ``StorageError``; a refusal, threads from
+    then on) or hang (a process started meanwhile was joined forever)."""
+    source = _source(tmp_path, "json")
+    expected = _stage(tmp_path / "first", source, processes=4)
+    for round_ in range(3):
+        for pid in _pool_pids():
+            os.kill(pid, signal.SIGKILL)
+        folder = tmp_path / f"round-{round_}"
+        results = _at_once(functools.partial(_stage_into, folder, source), 6)
+        assert [type(r).__name__ for r in results] == ["Manifest"] * 6, results
+        assert all(r.files == expected.files for r in results)
+        _stage(tmp_path / f"again-{round_}", source, processes=4)  # a pool again, to kill
+        assert len(_pool_pids()) == 4  # all its processes started at once
 
 
 def _parents() -> dict[int, int]:
