@@ -38,6 +38,7 @@ made at the first small download, its ``size`` processes all started then):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -46,7 +47,7 @@ import signal
 import sys
 import threading
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["available", "shutdown", "stage"]
 
+_Result = tuple["Manifest | BaseException", dict[str, int]]  # what a process hands back
 _pool: ProcessPoolExecutor | None = None
 _refused: str | None = None  # why processes could not start here: threads from then on
 _lock = threading.Lock()
@@ -127,7 +129,7 @@ def _run(
     limits: Limits,
     on_bad_rows: Literal["fail", "quarantine"],
     kwargs: dict[str, Any],
-) -> tuple[Manifest | BaseException, dict[str, int]]:
+) -> _Result:
     """In a process: the stage's manifest (or what it raised), and the crash points it hit."""
     crashpoints.arm(None)  # counts from zero; never armed here
     try:
@@ -152,7 +154,7 @@ def stage(
     pool = _pool_of(size)
     if pool is not None and not (stop is not None and stop.is_set()):  # else: gives up at once
         try:
-            result, hits = pool.submit(_run, layout, limits, on_bad_rows, kwargs).result()
+            result, hits = _outcome(pool, pool.submit(_run, layout, limits, on_bad_rows, kwargs))
         except BrokenProcessPool:  # a process died: the others were ended with it
             _discard(pool, None)
         except Exception as exc:  # no process could start (a process limit, no /dev/shm, seccomp)
@@ -169,6 +171,19 @@ def stage(
     return staging.stage(layout, limits, on_bad_rows, stop=stop, **kwargs)
 
 
+def _outcome(pool: ProcessPoolExecutor, future: Future[_Result]) -> _Result:
+    """``future``'s result; ``BrokenProcessPool`` once the pool has broken without completing it.
+    (CPython 3.11's pool, ending itself after a death, does not take the lock under which a
+    ``submit`` files its work: a submit in between gets a future that nothing completes.  No
+    process holds that work, and none still runs any once the pool is broken.)"""
+    while True:
+        try:
+            return future.result(timeout=0.5)
+        except TimeoutError:
+            if getattr(pool, "_broken", False) and not future.done():
+                raise BrokenProcessPool("the pool broke before it took this conversion") from None
+
+
 def _discard(pool: ProcessPoolExecutor, refused: str | None) -> None:
     """Forget ``pool`` (the next conversion makes another, unless ``refused`` says why not)
     and wait until its processes have ended: none may write on into a staging folder that
@@ -180,6 +195,10 @@ def _discard(pool: ProcessPoolExecutor, refused: str | None) -> None:
         if refused is not None and _refused is None:
             _refused = refused
             logs.get("store").warning("run.processes.refused", reason=refused)
+    if refused is not None:  # the first submit started some processes before one failed
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, ValueError):  # ended, or never begun
+                process.kill()
     with _ending:  # one at a time: closing a pool's queues twice raises
         pool.shutdown(wait=True, cancel_futures=True)  # a broken pool's processes are killed
 

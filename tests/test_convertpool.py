@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, process
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import pytest
@@ -168,6 +169,33 @@ def test_conversions_that_find_the_pool_broken_at_once_all_land_on_their_threads
         assert len(_pool_pids()) == 4  # all its processes started at once
 
 
+def test_a_submit_that_the_pools_end_overtakes_does_not_wait_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython 3.11's pool ends itself after a death without the lock a submit holds: a submit
+    filing its work meanwhile gets a future nothing completes.  The window is widened here by
+    a second's sleep inside the submit, while its process is killed."""
+    source = _source(tmp_path, "json")
+    expected = _stage(tmp_path / "first", source, processes=2)
+    pids = _pool_pids()
+
+    class _Slow(process._WorkItem):  # type: ignore[type-arg]  # made under the submit's lock
+        def __init__(self, *args: Any) -> None:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(1.0)  # the pool finds the death and ends itself meanwhile
+            super().__init__(*args)
+
+    monkeypatch.setattr(process, "_WorkItem", _Slow)
+    results: list[Any] = []
+    late = threading.Thread(
+        target=lambda: results.append(_stage(tmp_path / "late", source, processes=2)), daemon=True
+    )
+    late.start()
+    late.join(timeout=60)  # it waited forever on that future
+    assert not late.is_alive() and results[0].files == expected.files
+
+
 def _parents() -> dict[int, int]:
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -211,6 +239,33 @@ def test_when_no_process_can_start_every_conversion_runs_on_threads_after_one_wa
     assert convertpool._pool is None  # and no second pool was tried
     refused = [e for e in logged if e["event"] == "run.processes.refused"]
     assert len(refused) == 1 and "Resource temporarily unavailable" in refused[0]["reason"]
+
+
+class _SecondCannotStart(ProcessPoolExecutor):
+    """A pool whose second process cannot start (a process limit reached part-way)."""
+
+    started: ClassVar[list[int]] = []
+
+    def _spawn_process(self) -> None:
+        if self._processes:
+            raise OSError(11, "Resource temporarily unavailable")
+        super()._spawn_process()  # type: ignore[misc]
+        _SecondCannotStart.started.extend(self._processes)
+
+
+def test_processes_started_before_one_could_not_are_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(convertpool, "ProcessPoolExecutor", _SecondCannotStart)
+    _SecondCannotStart.started.clear()
+    monkeypatch.setattr(convertpool, "_pool", None)
+    monkeypatch.setattr(convertpool, "_refused", None)
+    source = _source(tmp_path, "json")
+    with structlog.testing.capture_logs() as logged:
+        assert _stage(tmp_path / "a", source, processes=2).rows > 0  # on the thread
+    assert [e["event"] for e in logged].count("run.processes.refused") == 1
+    assert len(_SecondCannotStart.started) == 1
+    assert not _alive(_SecondCannotStart.started[0])  # ended, not left to fail on its own
 
 
 def _descendants(pid: int) -> set[int]:
