@@ -251,8 +251,7 @@ class FlurryClient:
         ``LinkExpiredError`` (poll again for a new link), ``TransportError`` (also for a stalled
         transfer), ``ServerError`` (also for an empty body, or a link that is not an
         ``http(s)`` URL) or ``BadDataError`` (more than ``max_download_bytes``).  ``target`` is
-        opened without following a link; a failed download leaves no file behind.
-        """
+        opened without following a link; a failed download leaves no file behind."""
         where: Where = {"app": window.app, "window": window.label, "request_id": request_id}
         with _scrubbed():
             _check_link(url, where)
@@ -266,7 +265,8 @@ class FlurryClient:
 
     async def _download(self, url: str, target: Path, where: Where) -> int:
         transfer = _Transfer()
-        out = await aiofiles.open(target, "wb", opener=_no_follow)
+        with anyio.CancelScope(shield=True):  # opened on a thread: a cancel must not drop it open
+            out = await aiofiles.open(target, "wb", opener=_no_follow)
         try:
             while True:
                 try:

@@ -6,19 +6,24 @@ what was sent (URL, headers, body), so each test asserts both the translation an
 
 from __future__ import annotations
 
+import functools
+import gc
 import inspect
 import json
 import re
+import threading
+import warnings
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import aiohttp
+import anyio
 import pytest
 from aioresponses import aioresponses
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from backfill import protocol
+from backfill import client, protocol
 from backfill.client import FlurryClient, Secret, safe_url
 from backfill.errors import (
     AuthError,
@@ -363,6 +368,36 @@ async def test_a_download_streams_to_the_file_without_the_token(
     assert "Authorization" not in sent["headers"] and "Range" not in sent["headers"]
     assert TOKEN not in json.dumps(sent["headers"])
     assert (api.calls.download, api.calls.resumed) == (1, 0)
+
+
+async def test_a_download_cancelled_while_its_file_opens_leaves_no_file_open(
+    http: aioresponses, api: FlurryClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is opened on a thread; a run cancelled meanwhile (a full disk elsewhere) must
+    still close it, not leave it to the garbage collector (it was a flaky ResourceWarning)."""
+    http.get(LINK, body=DATA, headers={"Content-Length": "10"})
+    opening, release = threading.Event(), threading.Event()
+    real = client._no_follow
+
+    def slow(path: str, flags: int) -> int:
+        opening.set()
+        release.wait(10)
+        return real(path, flags)
+
+    monkeypatch.setattr(client, "_no_follow", slow)
+    target = tmp_path / "26.json.gz"
+    fetch = functools.partial(api.download, LINK, target, window=WINDOW, request_id="26")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(fetch)
+            await anyio.to_thread.run_sync(opening.wait)
+            tasks.cancel_scope.cancel()
+            release.set()
+        await anyio.sleep(0.2)  # the thread's open returns
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not target.exists()  # and the file opened late is removed with the rest
 
 
 async def test_an_empty_download_is_an_error_not_an_empty_window(
