@@ -197,10 +197,11 @@ def _cut(b: _Bytes, q: Ints) -> tuple[pa.Array, pa.Array]:
     base, size, moved = b.base, b.base + len(b.data), np.zeros(0, dtype=np.int64)
     if len(b.escapes):  # the strings with an escape: undone apart, put after the bytes
         bounds = (q + _INSIDE).ravel()
-        piece = np.searchsorted(bounds, b.escapes, side="right") - 1
-        piece = np.unique(piece[(piece >= 0) & (piece < len(bounds) - 1) & (piece % 2 == 0)])
+        of = np.searchsorted(bounds, b.escapes, side="right") - 1  # the piece of each escape
+        inside = (of >= 0) & (of % 2 == 0)  # in a key or a value, not between them
+        piece = np.unique(of[inside])
         if len(piece):
-            plain, moved = _unescaped(b.data, bounds[piece], bounds[piece + 1])
+            plain, moved = _unescaped(b, bounds[piece], bounds[piece + 1], b.escapes[inside])
             data, base, size = np.concatenate((b.data, plain)), 0, len(b.data) + len(plain)
             at = len(bounds) + np.arange(len(piece))  # after a piece for the gap
             keys_at[piece[piece % 4 == 0] // 4] = at[piece % 4 == 0]
@@ -219,21 +220,15 @@ def _cut(b: _Bytes, q: Ints) -> tuple[pa.Array, pa.Array]:
     return (keys.cast(pa.string()), values.cast(pa.string())) if wide else (keys, values)
 
 
-def _unescaped(data: np.ndarray[Any, Any], starts: Ints, ends: Ints) -> tuple[Any, Ints]:
-    """The strings ``data[starts[i]:ends[i]]``, one after another, their escapes undone; and
-    where each of them ends now.
-
-    In a run of backslashes the first, third, ... escape the byte after them.  A string's
-    last run is even (an odd one would escape its closing quote), so a run that goes on into
-    the next string is still counted right from where it begins.
-    """
+def _unescaped(b: _Bytes, starts: Ints, ends: Ints, escapes: Ints) -> tuple[Any, Ints]:
+    """The strings ``b.data[starts[i]:ends[i]]``, one after another, without their ``escapes``
+    (the backslashes ``_quotes`` found, all inside them) and with each escaped byte undone;
+    and where each string ends now."""
     lengths = ends - starts
     total = np.cumsum(lengths)
-    text = data[np.repeat(ends - total, lengths) + np.arange(int(total[-1]))]
-    slashes = np.flatnonzero(text == _BACKSLASH)
-    begins = np.concatenate(([True], np.diff(slashes) != 1))
-    run_start = slashes[begins][np.cumsum(begins) - 1]
-    escapes = slashes[(slashes - run_start) % 2 == 0]
+    text = b.data[np.repeat(ends - total, lengths) + np.arange(int(total[-1]))]
+    string = np.searchsorted(ends, escapes, side="right")  # the string each escape lies in
+    escapes = escapes - (ends - total)[string]  # ... and where it is in ``text``
     kept = np.ones(len(text), dtype=bool)
     kept[escapes] = False
     text = text[kept]
