@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from backfill import cpus
 from backfill.config_places import check_ledger, check_ledger_outside, masked
 from backfill.config_toml import ABSENT, at_least, fail, hint, table, typed
 from backfill.errors import ConfigError
@@ -72,7 +73,7 @@ class ApiSettings:
     max_in_flight_per_app: int = 0  # 0: no cap of its own beyond max_in_flight
     calls_per_minute: int = 120  # submit + status calls
     downloads_at_once: int = 4
-    conversions_at_once: int = field(default_factory=lambda: min(os.cpu_count() or 1, 4))
+    conversions_at_once: int = field(default_factory=lambda: min(cpus.usable(), 4))
     conversion_processes: bool = True  # small downloads convert in worker processes (Linux)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
