@@ -41,7 +41,7 @@ def _quota(root: Path, mine: Path) -> float | None:
     """The tightest CPU quota (in CPUs) on this process's cgroups, or None if none is set."""
     try:
         lines = mine.read_text().splitlines()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not text
         return None
     quotas: list[float] = []
     for line in lines:

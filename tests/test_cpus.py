@@ -64,6 +64,12 @@ def test_no_cgroup_file_system_sets_no_cap(tmp_path: Path) -> None:
     assert cpus.usable(tmp_path / "absent", tmp_path / "absent-too") == AFFINITY
 
 
+def test_a_cgroup_list_that_is_not_text_sets_no_cap(tmp_path: Path) -> None:
+    mine = _tree(tmp_path, {"cpu.max": "100000 100000\n"}, "")
+    mine.write_bytes(b"0::/\xff\xfe\n")
+    assert cpus.usable(tmp_path, mine) == AFFINITY
+
+
 @pytest.mark.parametrize("line", ["0::box\n", "0::\n", "garbage\n", "0::/../..\n", "\n"])
 def test_an_odd_cgroup_list_still_finds_the_quota_at_the_root(tmp_path: Path, line: str) -> None:
     """A container sees its own cgroup as the root, whatever path its list names."""
