@@ -51,6 +51,14 @@ SERIAL = "max_in_flight = 1\ndownloads_at_once = 1\nconversions_at_once = 1"  # 
 ENV = os.environ | {"FLURRY_TOKEN": TOKEN}
 
 
+async def _clear_of_midnight(margin_s: float = 15 * 60) -> None:
+    """Wait out a UTC midnight due within ``margin_s`` (a sweep takes about 5 minutes): every
+    run plans its range from the clock, and the ground truth is the range as of the start."""
+    left = DAY_MS / 1000 - time.time() % (DAY_MS / 1000)
+    if left < margin_s:
+        await anyio.sleep(left + 5)
+
+
 async def _backfill(work: Path, *args: str, env: dict[str, str] | None = None) -> int:
     done = await anyio.run_process([sys.executable, "-m", "backfill.cli", *args, "--config", str(work / "backfill.toml")],
                                    cwd=ROOT, env=env or ENV, check=False)  # fmt: skip
@@ -69,6 +77,7 @@ _WHERE = ["processes"] if os.environ.get("BACKFILL_TEST_LEDGER") == "postgres" e
 async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path, where: str) -> None:
     serial = SERIAL + ("\nconversion_processes = false" if where == "threads" else "")
     sim = sim_settings(apps=APPS)
+    await _clear_of_midnight()
     now = int(time.time() * 1000)
     async with simulator_process(sim, tmp_path) as (base, _):
         counting = tmp_path / "count"
@@ -150,6 +159,7 @@ async def test_a_kill_at_every_step_of_a_nightly_sync_with_splits_ends_exactly_r
     """Backfill, then the API's recent data grows past its too-large threshold, then ``sync``:
     the committed windows it pulls again are refused and split, and their children replace
     them whole.  Every step of that sync, the swap included, is a kill point."""
+    await _clear_of_midnight()
     now = int(time.time() * 1000)
     end = planner.range_end(now, 24 * HOUR_MS)
     start = max(planner.floor_midnight(now - 4 * DAY_MS, dt.UTC), planner.horizon_start(now))
