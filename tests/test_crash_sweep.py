@@ -59,6 +59,13 @@ async def _clear_of_midnight(margin_s: float = 15 * 60) -> None:
         await anyio.sleep(left + 5)
 
 
+def _still_the_same_day(end: int) -> None:
+    """Fail plainly, not with a diff of rows, if the runs planned a later range than the truth."""
+    assert planner.range_end(int(time.time() * 1000), 24 * HOUR_MS) == end, (
+        "the sweep crossed a UTC midnight: its runs planned another range than the ground truth's"
+    )
+
+
 async def _backfill(work: Path, *args: str, env: dict[str, str] | None = None) -> int:
     done = await anyio.run_process([sys.executable, "-m", "backfill.cli", *args, "--config", str(work / "backfill.toml")],
                                    cwd=ROOT, env=env or ENV, check=False)  # fmt: skip
@@ -134,6 +141,7 @@ async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path, where:
         async with anyio.create_task_group() as group:
             for k in range(1, total + 1):
                 group.start_soon(sweep, k)
+    _still_the_same_day(end)
     bad = {k: r for k, r in results.items() if r != "ok"}
     print(
         f"\ncrash sweep: {total} steps ({dict(sorted(steps.items()))}); {total - len(bad)} ended exactly right"
@@ -210,6 +218,7 @@ async def test_a_kill_at_every_step_of_a_nightly_sync_with_splits_ends_exactly_r
         async with anyio.create_task_group() as group:
             for k in range(1, total + 1):
                 group.start_soon(sweep, k)
+    _still_the_same_day(end)
     bad = {k: r for k, r in results.items() if r != "ok"}
     print(f"\nnightly crash sweep: {total} steps ({dict(sorted(steps.items()))}); "
           f"{total - len(bad)} ended exactly right")  # fmt: skip
