@@ -51,12 +51,18 @@ SERIAL = "max_in_flight = 1\ndownloads_at_once = 1\nconversions_at_once = 1"  # 
 ENV = os.environ | {"FLURRY_TOKEN": TOKEN}
 
 
-async def _clear_of_midnight(margin_s: float = 15 * 60) -> None:
-    """Wait out a UTC midnight due within ``margin_s`` (a sweep takes about 5 minutes): every
-    run plans its range from the clock, and the ground truth is the range as of the start."""
+async def _sweep_range(margin_s: float = 15 * 60) -> tuple[int, int]:
+    """The range (start, end) every run of a sweep plans, with ``history_days=4``, as of now.
+
+    A UTC midnight due within ``margin_s`` is waited out first (a sweep takes about 5
+    minutes): every run plans its range from the clock, and the ground truth is this range.
+    """
     left = DAY_MS / 1000 - time.time() % (DAY_MS / 1000)
     if left < margin_s:
         await anyio.sleep(left + 5)
+    now = int(time.time() * 1000)
+    start = max(planner.floor_midnight(now - 4 * DAY_MS, dt.UTC), planner.horizon_start(now))
+    return start, planner.range_end(now, 24 * HOUR_MS)
 
 
 def _still_the_same_day(end: int) -> None:
@@ -84,8 +90,7 @@ _WHERE = ["processes"] if os.environ.get("BACKFILL_TEST_LEDGER") == "postgres" e
 async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path, where: str) -> None:
     serial = SERIAL + ("\nconversion_processes = false" if where == "threads" else "")
     sim = sim_settings(apps=APPS)
-    await _clear_of_midnight()
-    now = int(time.time() * 1000)
+    start, end = await _sweep_range()
     async with simulator_process(sim, tmp_path) as (base, _):
         counting = tmp_path / "count"
         counting.mkdir()
@@ -132,8 +137,6 @@ async def test_a_kill_at_every_io_step_ends_exactly_right(tmp_path: Path, where:
                     problems.append(f"left over: {leftovers[:3]}")
                 results[k] = "; ".join(problems) or "ok"
 
-        end = planner.range_end(now, 24 * HOUR_MS)
-        start = max(planner.floor_midnight(now - 4 * DAY_MS, dt.UTC), planner.horizon_start(now))
         expected = {app.name: truth(sim, app.name, start, end) for app in APPS}
         assert all(expected.values()), "the sweep needs rows to land"
         for app in APPS:
@@ -167,10 +170,7 @@ async def test_a_kill_at_every_step_of_a_nightly_sync_with_splits_ends_exactly_r
     """Backfill, then the API's recent data grows past its too-large threshold, then ``sync``:
     the committed windows it pulls again are refused and split, and their children replace
     them whole.  Every step of that sync, the swap included, is a kill point."""
-    await _clear_of_midnight()
-    now = int(time.time() * 1000)
-    end = planner.range_end(now, 24 * HOUR_MS)
-    start = max(planner.floor_midnight(now - 4 * DAY_MS, dt.UTC), planner.horizon_start(now))
+    start, end = await _sweep_range()
     template = tmp_path / "template"
     template.mkdir()
     async with simulator_process(sim_settings(apps=APPS), template) as (base, _):
